@@ -1,0 +1,27 @@
+"""graphprune: trace a PyTorch model into its channel-dependency graph, prune it physically,
+and ship it to ONNX.
+
+The flow: ``trace`` -> ``ChannelGraph`` (groups) -> scores -> ``Plan`` -> ``apply_plan``
+-> smaller model (+ masks) -> ``export_onnx``. ``prune`` runs it in one call.
+"""
+
+from .apply import apply_plan
+from .criteria import criterion, list_criteria
+from .errors import (
+    ConfigError, ExportError, GraphPruneError, InputError, MaskFileError, ParityError, PlanError,
+    TraceError,
+)
+from .export import export_onnx
+from .graph import ChannelGraph, Group, trace
+from .masks import apply_masks, load_masks, plan_from_masks, save_masks
+from .plan import GroupPlan, LayerConfig, Plan
+from .prune import PruneResult, make_plan, prune
+from .report import Report
+
+__version__ = "0.1.0"
+__all__ = [
+    "ChannelGraph", "ConfigError", "ExportError", "GraphPruneError", "Group", "GroupPlan",
+    "InputError", "LayerConfig", "MaskFileError", "ParityError", "Plan", "PlanError",
+    "PruneResult", "Report", "TraceError", "apply_masks", "apply_plan", "criterion", "export_onnx",
+    "list_criteria", "load_masks", "make_plan", "plan_from_masks", "prune", "save_masks", "trace",
+]

@@ -1,0 +1,117 @@
+"""Parameters, multiply-accumulates (MACs) and bytes of a model, counted from the traced graph.
+
+MACs count the multiply-accumulates of convolutions, linear layers, matrix products and
+attention (the convention of most papers); element-wise ops and normalisation are not counted.
+After pruning, MACs are counted from the shapes the plan implies, without running the model.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .trace import TensorSpec
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_bytes(model: nn.Module) -> int:
+    """Bytes of all distinct parameters and buffers."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _numel(shape: Any) -> int:
+    return math.prod(shape) if isinstance(shape, tuple) and all(isinstance(s, int) for s in shape) else 0
+
+
+def _conv_macs(m: nn.Module, in_shape: tuple, out_shape: tuple) -> int:
+    w = m.weight
+    per = w.shape[1] * math.prod(w.shape[2:])
+    if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return _numel(in_shape) * per
+    return _numel(out_shape) * per
+
+
+def _mha_macs(m: nn.MultiheadAttention, q: tuple, k: tuple) -> int:
+    e = m.embed_dim
+    lq = q[0] if not m.batch_first and len(q) == 3 else (q[1] if len(q) == 3 else q[0])
+    lk = k[0] if not m.batch_first and len(k) == 3 else (k[1] if len(k) == 3 else k[0])
+    batch = _numel(q) // (lq * e) if lq * e else 1
+    kd, vd = m.kdim, m.vdim
+    return batch * (lq * e * e + lk * kd * e + lk * vd * e + 2 * lq * lk * e + lq * e * e)
+
+
+def node_macs(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, Any],
+              params: dict[str, torch.Tensor]) -> int:
+    """MACs of one node given the shapes of the values (node name -> shape)."""
+    def shp(a: Any) -> Any:
+        return shapes.get(a.name) if isinstance(a, fx.Node) else None
+
+    out = shapes.get(node.name)
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        if m is None or not node.args:
+            return 0
+        x = shp(node.args[0])
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                          nn.ConvTranspose3d)):
+            return _conv_macs(m, x, out)
+        if isinstance(m, nn.Linear):
+            return _numel(out) * m.in_features
+        if isinstance(m, nn.Bilinear):
+            return _numel(out) * m.in1_features * m.in2_features
+        if isinstance(m, nn.MultiheadAttention) and len(node.args) >= 2:
+            return _mha_macs(m, x, shp(node.args[1]) or x)
+        return 0
+    if node.op in ("call_function", "call_method"):
+        t = node.target
+        if t in (torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"):
+            a = shp(node.args[0])
+            if isinstance(a, tuple) and a:
+                return _numel(out) * a[-1]
+        if t is torch.nn.functional.linear:
+            w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            ws = shp(w)
+            if isinstance(ws, tuple) and len(ws) == 2:
+                return _numel(out) * ws[1]
+        if t in (torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+                 torch.nn.functional.conv3d, torch.conv2d, torch.conv1d, torch.conv3d):
+            ws = shp(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
+            if isinstance(ws, tuple):
+                return _numel(out) * math.prod(ws[1:])
+        if t is torch.nn.functional.scaled_dot_product_attention:
+            q, k = shp(node.args[0]), shp(node.args[1])
+            if isinstance(q, tuple) and isinstance(k, tuple):
+                return _numel(q) * k[-2] * 2
+    return 0
+
+
+def graph_macs(gm: fx.GraphModule, modules: dict[str, nn.Module], shapes: dict[str, Any],
+               params: dict[str, torch.Tensor] | None = None) -> int:
+    """Total MACs of a traced graph with the given value shapes and (possibly new) modules."""
+    return sum(node_macs(n, modules, shapes, params or {}) for n in gm.graph.nodes)
+
+
+def spec_shapes(values: dict[fx.Node, Any]) -> dict[str, Any]:
+    """node name -> shape (or tuple of shapes) from recorded values."""
+    def f(v: Any) -> Any:
+        if isinstance(v, TensorSpec):
+            return v.shape
+        if isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
+            return tuple(f(x) for x in v)
+        return None
+    return {n.name: f(v) for n, v in values.items()}

@@ -1,0 +1,54 @@
+"""Atomic file writes: a failed write leaves nothing behind and never a half-written file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+
+from .errors import GraphPruneError
+
+
+class OutputError(GraphPruneError, OSError):
+    """An output file or directory cannot be written."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically,
+    on any exception it is removed."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise OutputError(f"cannot write '{path}': directory '{d}' does not exist.")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".gp-", suffix=".part", dir=d)
+    except OSError as e:
+        raise OutputError(f"cannot write '{path}': {e.strerror} (directory '{d}').") from e
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) -> None:
+    """Call ``writer(tmp_path)`` and move the result into place."""
+    with atomic_path(path) as tmp:
+        writer(tmp)

@@ -1,0 +1,3 @@
+"""Importing this module registers every built-in rule."""
+
+from . import functions, modules  # noqa: F401

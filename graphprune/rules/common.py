@@ -1,0 +1,284 @@
+"""Building blocks shared by the channel rules: broadcasting, dim remaps, spatial ops, reductions
+and the id-tensor trick for pure data-movement ops (view, reshape, flatten, permute...).
+
+The id-tensor trick runs the op itself on a tensor whose entries are the element indices of one
+channel axis; where each index lands in the output tells exactly which output positions carry
+which input channel, so any combination of reshapes and transposes is mapped without a
+hand-written formula per op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ..trace import TensorSpec
+from .builder import Builder, TInfo
+
+NO_RULE = "no channel rule for {op} (node '{node}')"
+
+
+def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    """Positional-or-keyword argument ``name`` at position ``i`` of a node."""
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def out_spec(b: Builder, node: fx.Node) -> Any:
+    return b.values.get(node)
+
+
+def tensor_args(node: fx.Node) -> list[fx.Node]:
+    """Every Node among the (nested) args and kwargs of ``node``."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return found
+
+
+def freeze_inputs(b: Builder, node: fx.Node, reason: str) -> None:
+    for n in tensor_args(node):
+        b.freeze_info(b.infos.get(n), reason)
+
+
+def empty_like_spec(spec: Any) -> Any:
+    """Output info without channel axes, mirroring the structure of a recorded value."""
+    if isinstance(spec, TensorSpec):
+        return TInfo(spec.shape)
+    if isinstance(spec, (list, tuple)) and not isinstance(spec, torch.Size):
+        return type(spec)(empty_like_spec(s) for s in spec)
+    return None
+
+
+def has_tensor(spec: Any) -> bool:
+    if isinstance(spec, TensorSpec):
+        return True
+    if isinstance(spec, (list, tuple)) and not isinstance(spec, torch.Size):
+        return any(has_tensor(s) for s in spec)
+    if isinstance(spec, dict):
+        return any(has_tensor(s) for s in spec.values())
+    return False
+
+
+def keep_axes(b: Builder, node: fx.Node, x: TInfo | None, keep: Iterable[int],
+              shape: tuple[int, ...], reason: str, dim_map: dict[int, int] | None = None,
+              consumed: Iterable[int] = ()) -> TInfo:
+    """Output info carrying ``x``'s axes that lie entirely in ``keep`` (remapped by ``dim_map``).
+    Axes entirely in ``consumed`` are handled by the caller; any other axis is frozen."""
+    out = TInfo(shape)
+    if x is None:
+        return out
+    keep, consumed = set(keep), set(consumed)
+    for a in x.axes:
+        if consumed and set(a.dims) <= consumed:
+            continue
+        if not set(a.dims) <= keep:
+            b.freeze(a.elems(), reason)
+        elif dim_map is None or all(dim_map[d] == d for d in a.dims):
+            out.axes.append(a)  # same dims: share the axis (identity coupling)
+        else:
+            out.axes.extend(b.mirror(node.name, TInfo(x.shape, [a]), shape, dim_map).axes)
+    return out
+
+
+def broadcast(b: Builder, node: fx.Node, operands: list[Any]) -> TInfo | None:
+    """Elementwise op with numpy broadcasting over ``operands`` (nodes or Python scalars)."""
+    spec = out_spec(b, node)
+    if not isinstance(spec, TensorSpec):
+        return None
+    shape = spec.shape
+    n = len(shape)
+    out = TInfo(shape)
+    ops = []
+    for a in operands:
+        s = b.spec(a)
+        if isinstance(s, TensorSpec):
+            ops.append((b.info(a) or TInfo(s.shape), s.shape, n - len(s.shape)))
+    covered: dict[int, Any] = {}  # out dim -> out axis
+    for info, s, off in ops:
+        for a in info.axes:
+            dims = tuple(d + off for d in a.dims)
+            if any(s[d] != shape[d + off] for d in a.dims):
+                continue  # this operand broadcasts along the axis: no constraint
+            hit = {id(covered[d]): covered[d] for d in dims if d in covered}
+            if not hit:
+                na = a if off == 0 else b.mirror(node.name, TInfo(s, [a]), shape,
+                                                  {d: d + off for d in a.dims}).axes[0]
+                out.axes.append(na)
+                for d in dims:
+                    covered[d] = na
+            elif len(hit) == 1 and next(iter(hit.values())).dims == dims:
+                b.couple(next(iter(hit.values())).elems(), a.elems())
+            else:  # different axis structure on the same dims: couple dim by dim
+                for d in dims:
+                    b.link(b.along(TInfo(s, [a]), d - off), out, d, "")
+    # an operand that is full-size on a channel dim but has no axis there pins its size
+    for info, s, off in ops:
+        for d, oa in list(covered.items()):
+            j = d - off
+            if j >= 0 and s[j] == shape[d] and shape[d] > 1 and info.axis_at(j) is None:
+                b.freeze(oa.elems(), f"combined with a tensor of fixed size at node '{node.name}'")
+    return out
+
+
+def spatial(b: Builder, node: fx.Node, x: TInfo | None, n_spatial: int) -> Any:
+    """A per-channel op over the last ``n_spatial`` dims (pooling, interpolation)."""
+    spec = out_spec(b, node)
+    reason = f"pooled/resized dim at node '{node.name}'"
+    if isinstance(spec, (tuple, list)):  # (values, indices)
+        return type(spec)(
+            keep_axes(b, node, x, range(s.ndim - n_spatial), s.shape, reason) for s in spec
+        )
+    if not isinstance(spec, TensorSpec):
+        return None
+    return keep_axes(b, node, x, range(spec.ndim - n_spatial), spec.shape, reason)
+
+
+def reduce(b: Builder, node: fx.Node, x: TInfo | None, dims: Any, keepdim: bool) -> Any:
+    """Reduction over ``dims`` (None = all): axes on reduced dims are frozen."""
+    spec = out_spec(b, node)
+    if x is None:
+        return empty_like_spec(spec)
+    nd = x.ndim
+    if dims is None:
+        red = set(range(nd))
+    else:
+        red = {norm_dim(int(d), nd) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    keep = [d for d in range(nd) if d not in red]
+    dim_map = {d: d for d in range(nd)} if keepdim else {d: i for i, d in enumerate(keep)}
+    reason = f"reduced over a channel dim at node '{node.name}'"
+    if isinstance(spec, (tuple, list)):
+        return type(spec)(keep_axes(b, node, x, keep, s.shape, reason, dim_map) for s in spec)
+    if not isinstance(spec, TensorSpec):
+        return None
+    return keep_axes(b, node, x, keep, spec.shape, reason, dim_map)
+
+
+# --------------------------------------------------------------------------- id-tensor trick
+def concrete(b: Builder, v: Any) -> Any:
+    """Replace Nodes by their recorded values (tensors by zeros of the recorded shape)."""
+    if isinstance(v, fx.Node):
+        val = b.values.get(v)
+        if isinstance(val, TensorSpec):
+            return torch.zeros(val.shape, dtype=val.dtype)
+        return val
+    if isinstance(v, torch.Size):
+        return v
+    if isinstance(v, (list, tuple)):
+        return type(v)(concrete(b, x) for x in v)
+    if isinstance(v, dict):
+        return {k: concrete(b, x) for k, x in v.items()}
+    return v
+
+
+def size_source(b: Builder, v: Any) -> tuple[TInfo | None, int] | None:
+    """If ``v`` is ``t.size(d)`` / ``t.shape[d]``, return (info of t, d)."""
+    if not isinstance(v, fx.Node):
+        return None
+    if v.op == "call_method" and v.target == "size" and len(v.args) + len(v.kwargs) >= 2:
+        t, d = v.args[0], arg(v, 1, "dim")
+        spec = b.values.get(t)
+        if isinstance(d, int) and isinstance(spec, TensorSpec):
+            return b.info(t), norm_dim(d, spec.ndim)
+    if v.op == "call_function" and getattr(v.target, "__name__", "") == "getitem":
+        base, d = v.args
+        if isinstance(base, fx.Node) and isinstance(d, int):
+            is_shape = (base.op == "call_function" and getattr(base.target, "__name__", "") == "getattr"
+                        and base.args[1] == "shape")
+            is_size = base.op == "call_method" and base.target == "size" and len(base.args) == 1
+            if is_shape or is_size:
+                t = base.args[0]
+                spec = b.values.get(t)
+                if isinstance(spec, TensorSpec):
+                    return b.info(t), norm_dim(d, spec.ndim)
+    return None
+
+
+def _varying_dims(res: np.ndarray) -> list[int]:
+    return [d for d in range(res.ndim) if res.shape[d] > 1 and np.any(np.diff(res, axis=d) != 0)]
+
+
+def movement(b: Builder, node: fx.Node, call: Callable[[torch.Tensor], torch.Tensor],
+             sizes: list[Any] | None = None) -> TInfo | None:
+    """Rule for a pure data-movement op on ``node.args[0]``.
+
+    ``sizes`` lists, per output dim, how its size is given: an int literal (fixed after pruning),
+    a Node (computed at run time), or None/-1 (inferred). ``None`` means no sizes are given.
+    """
+    spec = out_spec(b, node)
+    if not isinstance(spec, TensorSpec):
+        return empty_like_spec(spec)
+    x = b.info(node.args[0])
+    out = TInfo(spec.shape)
+    if x is None or not x.axes:
+        _pin_size_sources(b, node, out, sizes)
+        return out
+    claimed: set[int] = set()
+    for a in x.axes:
+        shape = [1] * x.ndim
+        for d, s in zip(a.dims, a.sizes):
+            shape[d] = s
+        ids = torch.arange(a.size, dtype=torch.float64).reshape(shape).expand(x.shape).contiguous()
+        res = call(ids)
+        if not isinstance(res, torch.Tensor) or tuple(res.shape) != spec.shape:
+            b.freeze(a.elems(), f"could not map channels through node '{node.name}'")
+            continue
+        res = res.numpy().astype(np.int64)
+        dims = _varying_dims(res)
+        if not dims or claimed & set(dims):
+            b.freeze(a.elems(), f"channels mixed with other dims at node '{node.name}'")
+            continue
+        claimed |= set(dims)
+        sub = res[tuple(slice(None) if d in dims else 0 for d in range(res.ndim))]
+        na = b.new_axis(node.name, tuple(dims), tuple(res.shape[d] for d in dims))
+        b.couple(na.elems(), a.base + sub.ravel())
+        out.axes.append(na)
+        if sizes is not None:
+            _constrain_sizes(b, node, out, na, sizes)
+    _pin_size_sources(b, node, out, sizes)
+    return out
+
+
+def _pin_size_sources(b: Builder, node: fx.Node, out: TInfo, sizes: list[Any] | None) -> None:
+    """A size read from a channel dim but given to an output dim that is not a channel would
+    change after pruning while the data does not: freeze that channel."""
+    for d, s in enumerate(sizes or []):
+        if d >= len(out.shape) or out.axis_at(d) is not None:
+            continue
+        src = size_source(b, s)
+        if src is not None and src[0] is not None:
+            e = b.along(src[0], src[1])
+            if e is not None:
+                b.freeze(e, f"its size shapes a non-channel dim at node '{node.name}'")
+
+
+def _constrain_sizes(b: Builder, node: fx.Node, out: TInfo, na: Any, sizes: list[Any]) -> None:
+    """Literal sizes in a view stay fixed after pruning: only one free dim of an axis may shrink,
+    and only if no literal pins it. Sizes read from another tensor couple with that tensor."""
+    free = []
+    for d in na.dims:
+        s = sizes[d] if d < len(sizes) else None
+        src = size_source(b, s)
+        if src is not None:
+            info, sd = src
+            other = b.along(info, sd)
+            if other is None or other.size != out.shape[d]:
+                b.freeze(na.elems(), "size of a channel dim read from a non-channel dim at node "
+                                     f"'{node.name}'")
+                return
+            b.couple(b.along(out, d), other)
+            free.append(d)
+        elif isinstance(s, fx.Node) or s is None or s == -1:
+            free.append(d)
+    if not free:
+        b.freeze(na.elems(), f"literal channel size in {node.target} at node '{node.name}'")
+    elif len(na.dims) > 1:
+        b.along(out, free[0])  # the other dims of the axis keep their size: couple along them

@@ -1,0 +1,218 @@
+"""Stage 1 of the flow: model -> torch.fx graph with every value's shape recorded.
+
+``trace_model`` symbolically traces a model. When tracing fails inside a submodule (Python
+control flow on shapes, data-dependent branches), that module's class is made an fx leaf and the
+trace is retried; the leaves are recorded with the fx reason so the channel graph can freeze what
+they touch. The traced graph is then run once on the example inputs, recording the shape of every
+tensor and the value of every small Python value (sizes, tuples), which the channel rules read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import InputError, TraceError
+
+MAX_LEAF_RETRIES = 64
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one tensor value seen while running the graph."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass
+class Traced:
+    """A traced model: the fx graph, the recorded values, and what tracing had to give up on."""
+
+    model: nn.Module
+    gm: fx.GraphModule
+    values: dict[fx.Node, Any]
+    leaves: dict[str, str] = field(default_factory=dict)  # module path -> fx reason
+    mode: str = "eval"
+    tracer: str = "torch.fx"
+    inputs: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
+
+    @property
+    def leaf_types(self) -> tuple[type, ...]:
+        return self.gm.meta.get("leaf_types", ())
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Turn a tensor, a tuple/list of positional inputs or a dict of keyword inputs into args."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        if not example_inputs:
+            raise InputError("example_inputs is empty: pass a tensor shaped like the model's input.")
+        return tuple(example_inputs), {}
+    raise InputError(
+        "example_inputs must be a tensor, a tuple/list of positional inputs or a dict of keyword "
+        f"inputs. Got {type(example_inputs).__name__} instead."
+    )
+
+
+def describe(value: Any) -> Any:
+    """Reduce a runtime value to what the rules need: TensorSpec for tensors, small values kept."""
+    if isinstance(value, torch.Tensor):
+        return TensorSpec(tuple(value.shape), value.dtype)
+    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+        out = [describe(v) for v in value]
+        return out if isinstance(value, list) else tuple(out)
+    if isinstance(value, Mapping):
+        return {k: describe(v) for k, v in value.items()}
+    return value
+
+
+class _Tracer(fx.Tracer):
+    """An fx tracer that treats chosen module classes as leaves and remembers where it failed."""
+
+    def __init__(self, leaf_types: tuple[type, ...]):
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.failed_at: tuple[str, nn.Module] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:  # innermost module whose forward raised
+                self.failed_at = (self.path_of_module(m), m)
+            raise
+
+
+def symbolic_trace(model: nn.Module, leaf_types: tuple[type, ...] = ()
+                   ) -> tuple[fx.GraphModule, dict[str, str]]:
+    """fx-trace ``model``; classes whose forward cannot be traced become leaves (retrying)."""
+    leaf_types: list[type] = list(leaf_types)
+    reasons: dict[str, str] = {}
+    for _ in range(MAX_LEAF_RETRIES):
+        tracer = _Tracer(tuple(leaf_types))
+        try:
+            graph = tracer.trace(model)
+        except Exception as e:  # fx raises many types; all become one TraceError below
+            where = tracer.failed_at
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if where is None or where[0] == "" or type(where[1]) in leaf_types:
+                raise TraceError(
+                    f"torch.fx could not trace {type(model).__name__}"
+                    + (f" (in module '{where[0]}')" if where and where[0] else " (in its own forward)")
+                    + f": {reason}. graphprune needs a traceable forward: move shape-dependent "
+                    "Python control flow into a submodule (it is then traced as an opaque leaf) or "
+                    "pass a model whose forward takes only tensors."
+                ) from e
+            leaf_types.append(type(where[1]))
+            reasons[where[0]] = reason
+            continue
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm.meta["leaf_types"] = tuple(leaf_types)
+        # every instance of a leaf class is opaque, not only the one that failed
+        if leaf_types:
+            for name, m in model.named_modules():
+                if isinstance(m, tuple(leaf_types)) and name not in reasons:
+                    reasons[name] = f"same class as a module fx could not trace ({type(m).__name__})"
+        return gm, reasons
+    raise TraceError(
+        f"torch.fx could not trace {type(model).__name__}: gave up after {MAX_LEAF_RETRIES} "
+        f"untraceable module classes ({', '.join(t.__name__ for t in leaf_types[:5])}, ...)."
+    )
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module, mode: str) -> Iterator[None]:
+    """Run in ``mode`` ('eval'/'train') and leave modes, buffers and the RNG exactly as found."""
+    modes = {m: m.training for m in model.modules()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers() if b.device.type != "meta"]
+    model.train(mode == "train")
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            yield
+    finally:
+        for m, t in modes.items():
+            m.training = t
+        for b, saved in buffers:
+            b.copy_(saved)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except InputError:
+            raise
+        except Exception as e:
+            target = n.target if n.op != "call_module" else f"module '{n.target}'"
+            raise InputError(
+                f"The example inputs do not fit the model: node '{n.name}' ({target}) failed with "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Pass example inputs "
+                "of the shape and dtype the model's forward expects (batch first)."
+            ) from e
+        self.values[n] = describe(result)
+        return result
+
+
+def record_values(
+    gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[fx.Node, Any]:
+    """Run ``gm`` on the inputs and return the described value of every node."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    ordered = list(args)
+    for n in placeholders[len(args):]:
+        if n.target in kwargs:
+            ordered.append(kwargs[n.target])
+        elif n.args:  # default value recorded by fx
+            ordered.append(n.args[0])
+        else:
+            raise InputError(
+                f"The model's forward takes input '{n.target}' but example_inputs does not provide "
+                f"it (got {len(args)} positional and {sorted(kwargs)} keyword inputs)."
+            )
+    if len(args) > len(placeholders):
+        raise InputError(
+            f"example_inputs has {len(args)} positional inputs but the model's forward takes "
+            f"{len(placeholders)} ({', '.join(str(n.target) for n in placeholders)})."
+        )
+    rec = _Recorder(gm)
+    rec.run(*ordered)
+    return rec.values
+
+
+def trace_model(model: nn.Module, example_inputs: Any, *, mode: str = "eval") -> Traced:
+    """Trace ``model`` with torch.fx and record every value on ``example_inputs``.
+
+    The model is traced in ``mode`` ('eval' or 'train'); its modes, buffers and the global RNG are
+    restored afterwards, so the caller's model is unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"model must be a torch.nn.Module. Got {type(model).__name__} instead.")
+    args, kwargs = normalize_inputs(example_inputs)
+    with preserved_state(model, mode):
+        gm, leaves = symbolic_trace(model)
+        values = record_values(gm, args, kwargs)
+    return Traced(model=model, gm=gm, values=values, leaves=leaves, mode=mode,
+                  inputs=(args, kwargs))

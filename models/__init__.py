@@ -1,0 +1,37 @@
+"""Reference architectures written for graphprune (random init): the embedded defaults of the
+examples, the CLI and the tests. ``ZOO`` maps a name to (constructor, example input shape)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .audio import audio_net
+from .densenet import densenet_small
+from .digits import digits_net
+from .inception import inception_small
+from .lenet import lenet5
+from .mobilenetv2 import mobilenet_v2_cifar
+from .resnet_cifar import resnet20, resnet56
+from .senet import se_resnet_small
+from .shufflenet import shufflenet_small
+from .vgg import vgg11_bn
+
+ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "lenet5": (lenet5, (1, 1, 32, 32)),
+    "resnet20": (resnet20, (1, 3, 32, 32)),
+    "resnet56": (resnet56, (1, 3, 32, 32)),
+    "vgg11_bn": (vgg11_bn, (1, 3, 32, 32)),
+    "mobilenet_v2": (mobilenet_v2_cifar, (1, 3, 32, 32)),
+    "densenet": (densenet_small, (1, 3, 32, 32)),
+    "inception": (inception_small, (1, 3, 32, 32)),
+    "shufflenet": (shufflenet_small, (1, 3, 32, 32)),
+    "se_resnet": (se_resnet_small, (1, 3, 32, 32)),
+    "audio": (audio_net, (1, 1, 4000)),
+    "digits": (digits_net, (1, 1, 8, 8)),
+}
+
+__all__ = ["ZOO", "audio_net", "densenet_small", "digits_net", "inception_small", "lenet5",
+           "mobilenet_v2_cifar", "resnet20", "resnet56", "se_resnet_small", "shufflenet_small",
+           "vgg11_bn"]
