@@ -100,12 +100,6 @@ def node_macs(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, An
     return 0
 
 
-def graph_macs(gm: fx.GraphModule, modules: dict[str, nn.Module], shapes: dict[str, Any],
-               params: dict[str, torch.Tensor] | None = None) -> int:
-    """Total MACs of a traced graph with the given value shapes and (possibly new) modules."""
-    return sum(node_macs(n, modules, shapes, params or {}) for n in gm.graph.nodes)
-
-
 def spec_shapes(values: dict[fx.Node, Any]) -> dict[str, Any]:
     """node name -> shape (or tuple of shapes) from recorded values."""
     def f(v: Any) -> Any:

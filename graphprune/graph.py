@@ -41,6 +41,21 @@ class GroupMember:
     module: str
     unit: np.ndarray
     index: np.ndarray
+    _n_index: int = -1
+
+    @property
+    def n_index(self) -> int:
+        """Distinct parameter indices (== len(index) when there is one index per entry)."""
+        if self._n_index < 0:
+            self._n_index = int(np.unique(self.index).size)
+        return self._n_index
+
+    def distinct_kept(self, kept_units: np.ndarray) -> int:
+        """Distinct parameter indices that survive when only ``kept_units`` are kept."""
+        k = kept_units[self.unit]
+        if self.n_index == self.index.size:
+            return int(np.count_nonzero(k))
+        return int(np.unique(self.index[k]).size)
 
     def label(self) -> str:
         tag = {"out": "out", "in": "in"}.get(self.role)
@@ -179,13 +194,26 @@ class ChannelGraph:
         for m in b.members:
             c = comp[m.elems]
             g = comp_group[c]
-            sel = g >= 0
-            if not sel.any():
+            if not g.size or g.max() < 0:
                 continue
-            for gg in np.unique(g[sel]):
+            if g.min() == g.max():  # the usual case: the whole member is in one group
+                per_group[g[0]].append(GroupMember(m.param, m.dim, m.role, m.module,
+                                                   comp_unit[c], m.index))
+                continue
+            for gg in np.unique(g[g >= 0]):
                 s = g == gg
                 per_group[gg].append(GroupMember(m.param, m.dim, m.role, m.module,
                                                  comp_unit[c[s]], m.index[s]))
+        # all members flattened, for applying plans in one vectorised pass
+        keys: dict[tuple[str, int], int] = {}
+        kid = [keys.setdefault((m.param, m.dim), len(keys)) for m in b.members]
+        self.member_keys = list(keys)
+        if b.members:
+            self.m_elems = np.concatenate([m.elems for m in b.members])
+            self.m_index = np.concatenate([m.index for m in b.members])
+            self.m_key = np.repeat(np.asarray(kid, dtype=np.int64), [m.elems.size for m in b.members])
+        else:
+            self.m_elems = self.m_index = self.m_key = np.zeros(0, dtype=np.int64)
         groups: list[Group] = []
         used: dict[str, int] = {}
         comps_by_group = np.split(src_comps[for_units], starts[1:])
@@ -312,8 +340,7 @@ def _run_node(b: Builder, node: fx.Node, t: Traced) -> None:
         b.infos[node] = tuple(b.infos.get(a) if isinstance(a, fx.Node) else None
                               for a in (*node.args, *node.kwargs.values()))
         return
-    rule, module = rule_for(node, t.gm)
-    op = describe_target(node, t.gm)
+    rule, module = rule_for(node, b.modules)
     if node.op == "call_module" and node.target in t.leaves:
         if module_rule_for(module) is None:
             freeze_inputs(b, node, f"module '{node.target}' could not be traced "
@@ -322,6 +349,7 @@ def _run_node(b: Builder, node: fx.Node, t: Traced) -> None:
             return
     if rule is None:
         if has_tensor(spec):
+            op = describe_target(node, b.modules)
             reason = NO_RULE.format(op=op, node=node.name)
             freeze_inputs(b, node, reason)
             b.unsupported.setdefault(op, []).append(node.name)
@@ -332,6 +360,7 @@ def _run_node(b: Builder, node: fx.Node, t: Traced) -> None:
         if not _check(info, spec):
             raise GraphPruneError(f"rule produced {info!r} for value {spec!r}")
     except Exception as e:
+        op = describe_target(node, b.modules)
         if STRICT:
             raise GraphPruneError(
                 f"internal: the channel rule for {op} failed at node '{node.name}' "
@@ -353,27 +382,30 @@ def build_graph(model: nn.Module, traced: list[Traced]) -> ChannelGraph:
     """Run the channel rules over one or more traces of ``model`` and group the channels."""
     params, aliases = param_table(model)
     b = Builder(params, aliases)
-    b.modules = dict(model.named_modules())
+    b.modules = dict(model.named_modules(remove_duplicate=False))
+    for t in traced:  # the shallow trace roots stand for the model (they hold fx's constants)
+        b.modules[""] = model
     for k, t in enumerate(traced):
         b.prefix = "" if k == 0 else f"{t.mode}:"
         b.values.update(t.values)
-        for node in t.gm.graph.nodes:
+        for node in t.graph.nodes:
             _run_node(b, node, t)
     return ChannelGraph(model, traced, b)
 
 
 def _unreached(model: nn.Module, traced: Traced) -> list[str]:
-    """Modules with parameters that the trace never calls nor reads."""
+    """Modules with parameters that the trace never calls (nor any ancestor) nor reads."""
     used: set[str] = set()
-    for node in traced.gm.graph.nodes:
+    for node in traced.graph.nodes:
         if node.op == "call_module":
             used.add(node.target)
         elif node.op == "get_attr":
             used.add(node.target.rpartition(".")[0])
     out = []
     for name, m in model.named_modules():
-        if any(True for _ in m.parameters(recurse=False)):
-            if not any(name == u or name.startswith(u + ".") for u in used):
+        if m._parameters and any(p is not None for p in m._parameters.values()):
+            parts = name.split(".")
+            if not any(".".join(parts[:i]) in used for i in range(1, len(parts) + 1)):
                 out.append(name)
     return out
 

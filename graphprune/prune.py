@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,6 @@ from .plan import (
 from .report import Report, build_report
 
 
-@dataclass
 class PruneResult:
     """What ``prune`` returns.
 
@@ -33,11 +31,27 @@ class PruneResult:
     - ``graph``: the channel graph of the original model.
     """
 
-    model: nn.Module
-    masks: dict[str, torch.Tensor]
-    plan: Plan
-    report: Report
-    graph: ChannelGraph
+    def __init__(self, model: nn.Module, applied: Any, plan: Plan, graph: ChannelGraph,
+                 timings: dict[str, float]):
+        self.model, self.plan, self.graph = model, plan, graph
+        self._applied = applied
+        self._timings = timings
+        self._report: Report | None = None
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return self._applied.masks
+
+    @property
+    def report(self) -> Report:
+        if self._report is None:  # counted on first access, off the pruning path
+            self._report = build_report(self.graph, self.model, self.plan, self._applied.shapes,
+                                        self._timings, dict(self.plan.meta))
+        return self._report
+
+    def __repr__(self) -> str:
+        p0, p1 = self.report.params
+        return f"PruneResult({type(self.model).__name__}: params {p0:,} -> {p1:,})"
 
 
 def make_plan(graph: ChannelGraph, *, sparsity: float = 0.5, method: str = "l1",
@@ -106,7 +120,5 @@ def prune(model: nn.Module, example_inputs: Any, *, sparsity: float = 0.5, metho
     t2 = time.perf_counter()
     applied = apply_plan(graph, plan, inplace=inplace, verify=verify)
     t3 = time.perf_counter()
-    settings = dict(plan.meta)
-    report = build_report(graph, applied.model, plan, applied.shapes,
-                          {"trace": t1 - t0, "plan": t2 - t1, "apply": t3 - t2}, settings)
-    return PruneResult(applied.model, applied.masks, plan, report, graph)
+    return PruneResult(applied.model, applied, plan, graph,
+                       {"trace": t1 - t0, "plan": t2 - t1, "apply": t3 - t2})

@@ -113,7 +113,7 @@ def layer_costs(graph: ChannelGraph, model: nn.Module, shapes: dict[tuple[int, s
     sh = spec_shapes(t.values) if shapes is None else {n: s for (k, n), s in shapes.items() if k == 0}
     mods = dict(model.named_modules())
     macs: dict[str, int] = defaultdict(int)
-    for node in t.gm.graph.nodes:
+    for node in t.graph.nodes:
         m = node_macs(node, mods, sh, {})
         if m:
             key = node.target if node.op == "call_module" else node.name
@@ -136,7 +136,7 @@ def _group_cost(g: Group, params: dict[str, Any], costs: dict[str, tuple[str, in
     for m in g.members:
         shape = params[m.param].shape if new_shapes is None else new_shapes[m.param]
         per = int(np.prod(shape)) // max(shape[m.dim], 1) if len(shape) else 1
-        n_idx = len(np.unique(m.index if kept is None else m.index[kept[m.unit]]))
+        n_idx = m.n_index if kept is None else m.distinct_kept(kept)
         p += per * n_idx
     macs = sum(costs.get(mod, ("", 0, 0))[2] for mod in {m.module for m in g.members
                                                          if m.role in ("out", "in")})

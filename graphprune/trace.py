@@ -10,6 +10,7 @@ tensor and the value of every small Python value (sizes, tuples), which the chan
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ._modcopy import copy_tree, meta_args, to_meta
 from .errors import InputError, TraceError
 
 MAX_LEAF_RETRIES = 64
@@ -37,19 +39,27 @@ class TensorSpec:
 
 @dataclass
 class Traced:
-    """A traced model: the fx graph, the recorded values, and what tracing had to give up on."""
+    """A traced model: the fx graph, the recorded values, and what tracing had to give up on.
+
+    ``root`` is a shallow copy of the model that shares its submodules and tensors; fx stores the
+    tensor constants it meets on it, so the caller's model never gains attributes.
+    """
 
     model: nn.Module
-    gm: fx.GraphModule
+    root: nn.Module
+    graph: fx.Graph
     values: dict[fx.Node, Any]
     leaves: dict[str, str] = field(default_factory=dict)  # module path -> fx reason
     mode: str = "eval"
     tracer: str = "torch.fx"
     inputs: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
 
+    leaf_types: tuple[type, ...] = ()
+
     @property
-    def leaf_types(self) -> tuple[type, ...]:
-        return self.gm.meta.get("leaf_types", ())
+    def gm(self) -> fx.GraphModule:
+        """The graph as an executable GraphModule (built on demand)."""
+        return fx.GraphModule(self.root, self.graph, type(self.model).__name__)
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -103,14 +113,19 @@ class _Tracer(fx.Tracer):
 
 
 def symbolic_trace(model: nn.Module, leaf_types: tuple[type, ...] = ()
-                   ) -> tuple[fx.GraphModule, dict[str, str]]:
-    """fx-trace ``model``; classes whose forward cannot be traced become leaves (retrying)."""
+                   ) -> tuple[nn.Module, fx.Graph, dict[str, str], tuple[type, ...]]:
+    """fx-trace ``model``; classes whose forward cannot be traced become leaves (retrying).
+
+    Returns the root the graph refers to (a shallow copy of ``model``), the graph, the opaque
+    module paths with the fx reason, and the leaf classes.
+    """
     leaf_types: list[type] = list(leaf_types)
     reasons: dict[str, str] = {}
     for _ in range(MAX_LEAF_RETRIES):
         tracer = _Tracer(tuple(leaf_types))
+        root = copy.copy(model)  # fx setattr()s tensor constants on the root: not on the user's
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(root)
         except Exception as e:  # fx raises many types; all become one TraceError below
             where = tracer.failed_at
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -125,14 +140,12 @@ def symbolic_trace(model: nn.Module, leaf_types: tuple[type, ...] = ()
             leaf_types.append(type(where[1]))
             reasons[where[0]] = reason
             continue
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        gm.meta["leaf_types"] = tuple(leaf_types)
         # every instance of a leaf class is opaque, not only the one that failed
         if leaf_types:
             for name, m in model.named_modules():
                 if isinstance(m, tuple(leaf_types)) and name not in reasons:
                     reasons[name] = f"same class as a module fx could not trace ({type(m).__name__})"
-        return gm, reasons
+        return root, graph, reasons, tuple(leaf_types)
     raise TraceError(
         f"torch.fx could not trace {type(model).__name__}: gave up after {MAX_LEAF_RETRIES} "
         f"untraceable module classes ({', '.join(t.__name__ for t in leaf_types[:5])}, ...)."
@@ -140,25 +153,30 @@ def symbolic_trace(model: nn.Module, leaf_types: tuple[type, ...] = ()
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module, mode: str) -> Iterator[None]:
+def preserved_state(model: nn.Module, mode: str, buffers: bool = True) -> Iterator[None]:
     """Run in ``mode`` ('eval'/'train') and leave modes, buffers and the RNG exactly as found."""
     modes = {m: m.training for m in model.modules()}
-    buffers = [(b, b.detach().clone()) for b in model.buffers() if b.device.type != "meta"]
+    saved = [(b, b.detach().clone()) for b in model.buffers()
+             if buffers and b.device.type != "meta"]
     model.train(mode == "train")
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
             yield
     finally:
         for m, t in modes.items():
             m.training = t
-        for b, saved in buffers:
-            b.copy_(saved)
+        for b, v in saved:
+            b.copy_(v)
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
+    def __init__(self, root: nn.Module, graph: fx.Graph):
+        super().__init__(root, graph=graph)
         self.values: dict[fx.Node, Any] = {}
+        self._mods = dict(root.named_modules(remove_duplicate=False))
+
+    def call_module(self, target, args, kwargs):
+        return self._mods[target](*args, **kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -176,11 +194,26 @@ class _Recorder(fx.Interpreter):
         return result
 
 
-def record_values(
-    gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> dict[fx.Node, Any]:
-    """Run ``gm`` on the inputs and return the described value of every node."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+def record_values(root: nn.Module, graph: fx.Graph, args: tuple[Any, ...],
+                  kwargs: dict[str, Any], *, meta: bool = False) -> dict[fx.Node, Any]:
+    """Run ``graph`` (whose targets live on ``root``) and return every node's described value.
+
+    With ``meta`` the run happens on a ``meta``-device copy: shapes only, no compute and no
+    memory for weights (used for models that live on the meta device; on CPU, real kernels are
+    faster than meta shape functions for ordinary models).
+    """
+    if meta:
+        return _record(copy_tree(root, to_meta), graph, meta_args(args), meta_args(kwargs))
+    return _record(root, graph, args, kwargs)
+
+
+def on_meta(model: nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def _record(root: nn.Module, graph: fx.Graph, args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> dict[fx.Node, Any]:
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     ordered = list(args)
     for n in placeholders[len(args):]:
         if n.target in kwargs:
@@ -197,7 +230,7 @@ def record_values(
             f"example_inputs has {len(args)} positional inputs but the model's forward takes "
             f"{len(placeholders)} ({', '.join(str(n.target) for n in placeholders)})."
         )
-    rec = _Recorder(gm)
+    rec = _Recorder(root, graph)
     rec.run(*ordered)
     return rec.values
 
@@ -211,8 +244,9 @@ def trace_model(model: nn.Module, example_inputs: Any, *, mode: str = "eval") ->
     if not isinstance(model, nn.Module):
         raise TraceError(f"model must be a torch.nn.Module. Got {type(model).__name__} instead.")
     args, kwargs = normalize_inputs(example_inputs)
-    with preserved_state(model, mode):
-        gm, leaves = symbolic_trace(model)
-        values = record_values(gm, args, kwargs)
-    return Traced(model=model, gm=gm, values=values, leaves=leaves, mode=mode,
-                  inputs=(args, kwargs))
+    meta = on_meta(model)
+    with preserved_state(model, mode, buffers=not meta):
+        root, graph, leaves, leaf_types = symbolic_trace(model)
+        values = record_values(root, graph, args, kwargs, meta=meta)
+    return Traced(model=model, root=root, graph=graph, values=values, leaves=leaves, mode=mode,
+                  inputs=(args, kwargs), leaf_types=leaf_types)

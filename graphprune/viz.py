@@ -28,7 +28,7 @@ def to_networkx(graph: Any) -> nx.DiGraph:
     t = graph.traced[0]
     prunable = {g.name for g in graph.prunable_groups}
     axes_of: dict[str, list[str]] = {}
-    for node in t.gm.graph.nodes:
+    for node in t.graph.nodes:
         info = b.infos.get(node)
         infos = [info] if isinstance(info, TInfo) else [i for i in (info or []) if isinstance(i, TInfo)] \
             if isinstance(info, (list, tuple)) else []

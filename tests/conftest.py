@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 os.environ.setdefault("GRAPHPRUNE_STRICT", "1")  # a rule that crashes fails the test suite
+os.environ.setdefault("GRAPHPRUNE_VERIFY", "full")  # check every intermediate shape
 torch.set_num_threads(1)
 
 

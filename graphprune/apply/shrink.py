@@ -4,6 +4,7 @@ that every intermediate tensor of the new model has exactly the shape the plan i
 from __future__ import annotations
 
 import copy
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,17 +19,26 @@ from ..graph import ChannelGraph
 from ..plan import Plan
 from ..rules.builder import TInfo
 from ..rules.registry import resizer_for
-from ..trace import TensorSpec, preserved_state, record_values, symbolic_trace
+from .._modcopy import copy_tree, meta_args, share, to_meta
+from ..trace import TensorSpec, on_meta, preserved_state, record_values, symbolic_trace
 
 
 @dataclass
 class Applied:
-    """Result of applying a plan: the new model, the masks (original shapes), kept indices."""
+    """Result of applying a plan: the new model, kept indices, expected shapes; ``masks`` (the
+    original shapes, True = kept) are built on first access."""
 
     model: nn.Module
-    masks: dict[str, torch.Tensor]
     kept: dict[str, dict[int, np.ndarray]]  # canonical param -> dim -> kept indices
-    shapes: dict[tuple[int, str], Any] = field(default_factory=dict)  # expected node shapes
+    shapes: dict[tuple[int, str], Any]  # expected node shapes
+    graph: ChannelGraph = field(repr=False)
+    _masks: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        if self._masks is None:
+            self._masks = masks_from_kept(self.graph, self.kept)
+        return self._masks
 
 
 def comp_keep_from_plan(graph: ChannelGraph, plan: Plan) -> np.ndarray:
@@ -44,21 +54,21 @@ def comp_keep_from_plan(graph: ChannelGraph, plan: Plan) -> np.ndarray:
 
 def kept_indices(graph: ChannelGraph, comp_keep: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
     """For every parameter dim that loses entries: the indices it keeps."""
-    removed: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
-    kept_seen: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
-    for m in graph.builder.members:
-        k = comp_keep[graph.comp[m.elems]]
-        if not k.all():
-            removed[(m.param, m.dim)].append(m.index[~k])
-        kept_seen[(m.param, m.dim)].append(m.index[k])
+    k = comp_keep[graph.comp[graph.m_elems]]
     out: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
-    for (p, d), rs in removed.items():
-        r = np.unique(np.concatenate(rs))
-        clash = np.intersect1d(r, np.concatenate(kept_seen[(p, d)]))
-        if clash.size:  # the tie coupling makes this impossible; guard against rule bugs
-            raise PlanError(f"internal: index {clash[0]} of '{p}' dim {d} is both kept and removed")
-        n = graph.params[p].shape[d]
-        out[p][d] = np.setdiff1d(np.arange(n), r)
+    if k.all():
+        return {}
+    # one flat boolean space: (param, dim) key -> its slice of indices
+    sizes = np.array([graph.params[p].shape[d] for p, d in graph.member_keys], dtype=np.int64)
+    offset = np.concatenate([[0], np.cumsum(sizes)])
+    flat = offset[graph.m_key] + graph.m_index
+    gone = np.zeros(int(offset[-1]), dtype=bool)
+    gone[flat[~k]] = True
+    if gone[flat[k]].any():  # the tie coupling makes this impossible; guard against rule bugs
+        raise PlanError("internal: a parameter index is both kept and removed")
+    for key in np.unique(graph.m_key[~k]):
+        p, d = graph.member_keys[key]
+        out[p][d] = np.flatnonzero(~gone[offset[key]:offset[key + 1]])
     return dict(out)
 
 
@@ -84,22 +94,22 @@ def expected_shapes(graph: ChannelGraph, comp_keep: np.ndarray) -> dict[tuple[in
     b = graph.builder
     out = {}
     for k, t in enumerate(graph.traced):
-        for node in t.gm.graph.nodes:
+        for node in t.graph.nodes:
             spec = t.values.get(node)
             if spec is not None:
                 out[(k, node.name)] = _shape_of(b.infos.get(node), spec, elem_keep)
     return out
 
 
-def _copy_model(model: nn.Module, keep_ids: set[int]) -> nn.Module:
-    """Deep copy that shares (does not copy) the tensors in ``keep_ids``; they are replaced."""
-    memo = {i: t for t in list(model.parameters()) + list(model.buffers()) if (i := id(t)) in keep_ids}
-    return copy.deepcopy(model, memo)
+def _copy_model(model: nn.Module) -> nn.Module:
+    """A new module tree sharing the model's tensors (the caller replaces every one of them)."""
+    return copy_tree(model, share)
 
 
-def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, like: torch.Tensor) -> None:
+def _set_tensor(mods: dict[str, nn.Module], name: str, value: torch.Tensor,
+                like: torch.Tensor) -> None:
     owner, _, attr = name.rpartition(".")
-    m = root.get_submodule(owner) if owner else root
+    m = mods[owner]
     if isinstance(like, nn.Parameter):
         m._parameters[attr] = value
     else:
@@ -107,12 +117,13 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, like: torch.Ten
 
 
 def apply_plan(graph: ChannelGraph, plan: Plan, *, inplace: bool = False,
-               verify: bool = True) -> Applied:
+               verify: bool | str = True) -> Applied:
     """Physically apply ``plan`` to the graph's model.
 
     Returns a new model (the original is untouched unless ``inplace``) whose coupled parameters
     are sliced and whose modules report their new sizes. With ``verify`` the new model is run on
-    the example inputs and every traced value must have the shape the plan implies.
+    the example inputs and the input and output of every layer must have the shape the plan
+    implies; ``verify="full"`` traces the new model again and checks every intermediate value.
     """
     comp_keep = comp_keep_from_plan(graph, plan)
     kept = kept_indices(graph, comp_keep)
@@ -121,15 +132,14 @@ def apply_plan(graph: ChannelGraph, plan: Plan, *, inplace: bool = False,
     for alias, canon in graph.aliases.items():
         names_of[canon].append(alias)
     pruned_ids = {id(graph.params[p]) for p in kept}
-    all_ids = {id(t) for t in graph.params.values()}
-    new = model if inplace else _copy_model(model, all_ids)
+    new = model if inplace else _copy_model(model)
+    mods = dict(new.named_modules(remove_duplicate=False))
     with torch.no_grad():
         for canon, t in graph.params.items():
             if canon in kept:
                 v = t.detach()
-                for d, idx in sorted(kept[canon].items()):
+                for d, idx in sorted(kept[canon].items()):  # index_select copies
                     v = v.index_select(d, torch.as_tensor(idx, device=v.device))
-                v = v.clone()
             elif inplace:
                 continue
             else:
@@ -137,28 +147,30 @@ def apply_plan(graph: ChannelGraph, plan: Plan, *, inplace: bool = False,
             if isinstance(t, nn.Parameter):
                 v = nn.Parameter(v, requires_grad=t.requires_grad)
             for alias in names_of[canon]:
-                _set_tensor(new, alias, v, t)
+                _set_tensor(mods, alias, v, t)
     shapes = expected_shapes(graph, comp_keep)
-    _resize_modules(graph, new, shapes, pruned_ids)
-    masks = masks_from_kept(graph, kept, names_of)
-    if verify:
+    _resize_modules(graph, mods, shapes, pruned_ids)
+    if verify == "full" or (verify and os.environ.get("GRAPHPRUNE_VERIFY") == "full"):
         verify_shapes(graph, new, shapes)
-    return Applied(new, masks, kept, shapes)
+    elif verify:
+        verify_layers(graph, new, shapes)
+    return Applied(new, kept, shapes, graph)
 
 
-def _resize_modules(graph: ChannelGraph, new: nn.Module, shapes: dict, pruned_ids: set[int]) -> None:
+def _resize_modules(graph: ChannelGraph, mods: dict[str, nn.Module], shapes: dict,
+                    pruned_ids: set[int]) -> None:
     touched: dict[str, Any] = {}
     for k, t in enumerate(graph.traced):
-        for node in t.gm.graph.nodes:
+        for node in t.graph.nodes:
             if node.op == "call_module" and node.args and isinstance(node.args[0], fx.Node):
                 touched[node.target] = shapes.get((k, node.args[0].name))
     # modules whose parameters were sliced but that are not leaves (e.g. LayerNorm2d)
-    for name, m in graph.model.named_modules():
+    for name, m in graph.builder.modules.items():
         if name not in touched and any(id(p) in pruned_ids for p in
-                                       list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))):
+                                       (*m._parameters.values(), *m._buffers.values())):
             touched[name] = None
     for name, in_shape in touched.items():
-        m = new.get_submodule(name)
+        m = mods[name]
         fn = resizer_for(m)
         if fn is not None and (in_shape is None or isinstance(in_shape, tuple)):
             fn(m, in_shape)
@@ -177,8 +189,11 @@ def masks_from_kept(graph: ChannelGraph, kept: dict[str, dict[int, np.ndarray]],
         t = graph.params[canon]
         m = torch.ones(t.shape, dtype=torch.bool)
         for d, idx in dims.items():
-            rem = np.setdiff1d(np.arange(t.shape[d]), idx)
-            m.index_fill_(d, torch.as_tensor(rem, dtype=torch.long), False)
+            v = torch.zeros(t.shape[d], dtype=torch.bool)
+            v[torch.as_tensor(idx, dtype=torch.long)] = True
+            view = [1] * t.ndim
+            view[d] = -1
+            m &= v.view(view)
         for alias in names_of[canon]:
             masks[alias] = m
     return masks
@@ -202,14 +217,14 @@ def verify_shapes(graph: ChannelGraph, new: nn.Module, shapes: dict) -> None:
         args, kwargs = t.inputs
         try:
             with preserved_state(new, t.mode):
-                gm2, _ = symbolic_trace(new, leaf_types=t.leaf_types)
-                values = record_values(gm2, args, kwargs)
+                root2, graph2, _, _ = symbolic_trace(new, leaf_types=t.leaf_types)
+                values = record_values(root2, graph2, args, kwargs, meta=on_meta(new))
         except Exception as e:
             raise ParityError(
                 f"internal: the pruned model no longer runs ({e}). This is a graphprune bug; "
                 "please report it with the model. Work around it by passing ignore=[...] for the "
                 "module named in the message.") from e
-        for node in gm2.graph.nodes:
+        for node in graph2.nodes:
             want = shapes.get((k, node.name))
             got = _flat_shapes(values.get(node))
             if want is not None and got is not None and want != got:
@@ -217,3 +232,77 @@ def verify_shapes(graph: ChannelGraph, new: nn.Module, shapes: dict) -> None:
                     f"internal: after pruning, node '{node.name}' ({node.format_node()}) has shape "
                     f"{got} but the plan implies {want}. This is a graphprune bug; please report it "
                     "with the model. Work around it with ignore=[...] for the modules involved.")
+
+
+def _shapes_of_value(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return tuple(v.shape)
+    if isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
+        return tuple(_shapes_of_value(x) for x in v)
+    return None
+
+
+def _run_hooked(model: nn.Module, paths: Any, args: Any, kwargs: Any, mode: str):
+    got: dict[str, list[tuple[Any, Any]]] = defaultdict(list)
+    handles = []
+    mods = dict(model.named_modules(remove_duplicate=False))
+    for path in paths:
+        def hook(m, inp, out, path=path):
+            got[path].append((_shapes_of_value(inp[0]) if inp else None, _shapes_of_value(out)))
+        handles.append(mods[path].register_forward_hook(hook))
+    try:
+        with preserved_state(model, mode):
+            y = model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return got, y
+
+
+def verify_layers(graph: ChannelGraph, new: nn.Module, shapes: dict) -> None:
+    """Run the new model natively; every leaf layer's input and output, and the model's output,
+    must have the shape the plan implies."""
+    for k, t in enumerate(graph.traced):
+        want: dict[str, list[tuple[Any, Any, str]]] = defaultdict(list)
+        out_node = None
+        for node in t.graph.nodes:
+            if node.op == "call_module" and node.args and isinstance(node.args[0], fx.Node):
+                want[node.target].append((shapes.get((k, node.args[0].name)),
+                                          shapes.get((k, node.name)), node.name))
+            elif node.op == "output":
+                out_node = node
+        args, kwargs = t.inputs
+        meta = on_meta(new)
+        try:
+            if meta:
+                got, y = _run_hooked(copy_tree(new, to_meta), want, meta_args(args),
+                                     meta_args(kwargs), t.mode)
+            else:
+                got, y = _run_hooked(new, want, args, kwargs, t.mode)
+        except Exception as e:
+            raise ParityError(
+                f"internal: the pruned model no longer runs ({type(e).__name__}: {e}). This "
+                "is a graphprune bug; please report it with the model. Work around it by "
+                "passing ignore=[...] for the module named in the message.") from e
+        for path, calls in want.items():
+            for (w_in, w_out, name), (g_in, g_out) in zip(calls, got.get(path, [])):
+                if (w_in is not None and g_in is not None and w_in != g_in) or (
+                        w_out is not None and g_out is not None and w_out != g_out):
+                    raise ParityError(
+                        f"internal: after pruning, layer '{path}' (node '{name}') maps {g_in} -> "
+                        f"{g_out} but the plan implies {w_in} -> {w_out}. This is a graphprune "
+                        "bug; please report it with the model. Work around it with ignore=[...].")
+        want_out = shapes.get((k, out_node.name)) if out_node is not None else None
+        got_out = _shapes_of_value(y)
+        if want_out is not None and got_out is not None and _strip(want_out) != _strip(got_out):
+            raise ParityError(f"internal: the pruned model's output has shape {got_out}, "
+                              f"expected {want_out}.")
+
+
+def _strip(s: Any) -> Any:
+    """Shapes of a (possibly nested, single-element) output, flattened for comparison."""
+    if isinstance(s, tuple) and s and all(isinstance(x, int) for x in s):
+        return (s,)
+    if isinstance(s, tuple):
+        return tuple(x for v in s for x in _strip(v))
+    return ()

@@ -22,10 +22,16 @@ def _producers(group: Group) -> list[GroupMember]:
 
 def _per_index(t: torch.Tensor, dim: int, p: int) -> np.ndarray:
     """Sum of |w|^p over every dim but ``dim``: one value per index along ``dim``."""
-    x = t.detach().to(torch.float64)
-    x = x.abs() if p == 1 else x * x
+    x = t.detach()
+    if not x.is_floating_point():
+        x = x.float()
     other = [d for d in range(x.ndim) if d != dim]
-    return (x.sum(dim=other) if other else x).cpu().numpy()
+    if not other:
+        v = x.abs() if p == 1 else x * x
+    else:
+        v = torch.linalg.vector_norm(x, ord=p, dim=other)
+        v = v if p == 1 else v * v
+    return v.cpu().numpy().astype(np.float64)
 
 
 def _norm_sum(group: Group, ctx: ScoreContext, p: int) -> np.ndarray:

@@ -72,10 +72,11 @@ def resizer_for(m: nn.Module) -> ResizeFn | None:
     return _by_mro(_RESIZERS, type(m))
 
 
-def rule_for(node: fx.Node, gm: fx.GraphModule) -> tuple[RuleFn | None, nn.Module | None]:
+def rule_for(node: fx.Node, modules: dict[str, nn.Module]
+             ) -> tuple[RuleFn | None, nn.Module | None]:
     """The rule that applies to ``node`` (None if no rule is registered) and its module."""
     if node.op == "call_module":
-        m = gm.get_submodule(node.target)
+        m = modules[node.target]
         return module_rule_for(m), m
     if node.op in ("call_function", "call_method"):
         try:
@@ -99,10 +100,10 @@ def registered() -> dict[str, list[str]]:
     }
 
 
-def describe_target(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
+def describe_target(node: fx.Node, modules: dict[str, nn.Module] | None = None) -> str:
     """A readable name of what a node calls: 'Conv2d layer1.0.conv1', 'torch.matmul', ..."""
     if node.op == "call_module":
-        m = gm.get_submodule(node.target) if gm is not None else None
+        m = (modules or {}).get(node.target)
         return f"{type(m).__name__} '{node.target}'" if m is not None else f"module '{node.target}'"
     if node.op == "call_method":
         return f"Tensor.{node.target}"

@@ -194,3 +194,20 @@ def test_zero_sparsity_is_identity(sparsity):
     r = gp.prune(model, torch.randn(1, 1, 32, 32), sparsity=sparsity)
     if sparsity == 0.0:
         assert not r.masks and r.report.params[0] == r.report.params[1]
+
+
+def test_tracing_never_adds_attributes_to_the_callers_model():
+    class WithConstant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 1)
+            self.d = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.d(self.c(x) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1))
+
+    model = WithConstant().eval()
+    before = set(vars(model))
+    r = gp.prune(model, torch.randn(1, 3, 8, 8), sparsity=0.5)
+    assert set(vars(model)) == before
+    assert not r.graph.group("c").prunable  # multiplied by a constant of fixed size
