@@ -383,8 +383,6 @@ def build_graph(model: nn.Module, traced: list[Traced]) -> ChannelGraph:
     params, aliases = param_table(model)
     b = Builder(params, aliases)
     b.modules = dict(model.named_modules(remove_duplicate=False))
-    for t in traced:  # the shallow trace roots stand for the model (they hold fx's constants)
-        b.modules[""] = model
     for k, t in enumerate(traced):
         b.prefix = "" if k == 0 else f"{t.mode}:"
         b.values.update(t.values)

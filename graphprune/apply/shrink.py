@@ -3,7 +3,6 @@ that every intermediate tensor of the new model has exactly the shape the plan i
 
 from __future__ import annotations
 
-import copy
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
