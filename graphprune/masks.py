@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import MaskFileError, PlanError
 from .graph import ChannelGraph, trace
+from ._safetensors import dumps
 from .io import atomic_write_bytes
 from .plan import GroupPlan, Plan
 
@@ -27,18 +28,18 @@ MASK_VERSION = "1"
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
                plan: Plan | None = None) -> None:
-    """Write ``masks`` (name -> bool tensor) to a safetensors file, atomically."""
-    from safetensors.torch import save
+    """Write ``masks`` (name -> bool tensor) to a safetensors file, atomically.
 
+    The bytes are deterministic: the same masks and plan always give the same file."""
     tensors = {}
     for k, v in masks.items():
         if not isinstance(v, torch.Tensor):
             raise MaskFileError(f"mask '{k}' must be a tensor. Got {type(v).__name__}.")
-        tensors[k] = v.detach().to("cpu", torch.bool).contiguous().clone()
+        tensors[k] = v.detach().to("cpu", torch.bool)
     meta = {"format": MASK_FORMAT, "version": MASK_VERSION}
     if plan is not None:
-        meta["plan"] = plan.to_json()
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+        meta["plan"] = json.dumps(plan.to_dict(), separators=(",", ":"))
+    atomic_write_bytes(path, dumps(tensors, meta))
 
 
 _PICKLE_HINT = (

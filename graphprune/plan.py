@@ -60,7 +60,15 @@ class Plan:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=False)
+        """JSON with one line per group, easy to read, edit and diff."""
+        d = self.to_dict()
+        groups = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in d["groups"].items())
+        return ("{\n"
+                f' "format": {json.dumps(d["format"])},\n'
+                f' "version": {d["version"]},\n'
+                f' "meta": {json.dumps(d["meta"])},\n'
+                f' "groups": {{\n{groups}\n }}\n'
+                "}")
 
     def save(self, path: str) -> None:
         """Write the plan as JSON (atomically)."""
