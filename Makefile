@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15
 
 zoo: $(STAMP)
-	$(PY) -m pytest -q -n 2 -m zoo --durations=25
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m zoo --durations=25
 
 bench: $(STAMP)
 	$(PY) bench/speed.py

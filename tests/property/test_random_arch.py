@@ -6,6 +6,7 @@ shape, masks applied as zeros to the original give the same outputs, and apply_m
 fresh copy rebuilds it exactly."""
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +114,8 @@ def architectures(draw):
     return spec, c0, draw(st.booleans())
 
 
-@settings(max_examples=int(__import__("os").environ.get("GP_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("GP_EXAMPLES", "40")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(arch=architectures(), sparsity=st.floats(0.1, 0.9), method=st.sampled_from(
     ["l1", "l2", "fpgm", "random"]), seed=st.integers(0, 100))
 def test_random_architectures_prune_correctly(arch, sparsity, method, seed):

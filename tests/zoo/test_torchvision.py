@@ -35,7 +35,10 @@ def test_torchvision_fast_tier(name):
         check_prunes(model, x, sparsity)
 
 
-ALL = tv.models.list_models(module=tv.models)
+# models of several hundred million parameters run one at a time (``--dist loadgroup``)
+HUGE = {"vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32", "regnet_y_32gf", "vgg19", "vgg19_bn"}
+ALL = [pytest.param(n, marks=pytest.mark.xdist_group("huge")) if n in HUGE else n
+       for n in tv.models.list_models(module=tv.models)]
 
 
 @pytest.mark.zoo
