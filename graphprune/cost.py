@@ -39,11 +39,17 @@ def _numel(shape: Any) -> int:
 
 
 def _conv_macs(m: nn.Module, in_shape: tuple, out_shape: tuple) -> int:
-    w = m.weight
-    per = w.shape[1] * math.prod(w.shape[2:])
+    """From the value shapes, so that it also counts a conv whose channels a plan reduced."""
+    if not (isinstance(in_shape, tuple) and isinstance(out_shape, tuple)):
+        return 0
+    cdim = len(in_shape) - (m.weight.ndim - 1)
+    cin, cout = in_shape[cdim], out_shape[cdim]
+    depthwise = m.groups > 1 and m.in_channels // m.groups == 1
+    g = cin if depthwise else m.groups
+    k = math.prod(m.weight.shape[2:])
     if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return _numel(in_shape) * per
-    return _numel(out_shape) * per
+        return _numel(in_shape) * (cout // g) * k
+    return _numel(out_shape) * (cin // g) * k
 
 
 def _mha_macs(m: nn.MultiheadAttention, q: tuple, k: tuple) -> int:
@@ -71,7 +77,7 @@ def node_macs(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, An
                           nn.ConvTranspose3d)):
             return _conv_macs(m, x, out)
         if isinstance(m, nn.Linear):
-            return _numel(out) * m.in_features
+            return _numel(out) * (x[-1] if isinstance(x, tuple) and x else m.in_features)
         if isinstance(m, nn.Bilinear):
             return _numel(out) * m.in1_features * m.in2_features
         if isinstance(m, nn.MultiheadAttention) and len(node.args) >= 2:

@@ -41,6 +41,7 @@ class GroupMember:
     module: str
     unit: np.ndarray
     index: np.ndarray
+    pos: np.ndarray = field(default=None, repr=False)  # channel of each entry in the activation
     _n_index: int = -1
 
     @property
@@ -198,12 +199,12 @@ class ChannelGraph:
                 continue
             if g.min() == g.max():  # the usual case: the whole member is in one group
                 per_group[g[0]].append(GroupMember(m.param, m.dim, m.role, m.module,
-                                                   comp_unit[c], m.index))
+                                                   comp_unit[c], m.index, m.pos))
                 continue
             for gg in np.unique(g[g >= 0]):
                 s = g == gg
                 per_group[gg].append(GroupMember(m.param, m.dim, m.role, m.module,
-                                                 comp_unit[c[s]], m.index[s]))
+                                                 comp_unit[c[s]], m.index[s], m.pos[s]))
         # all members flattened, for applying plans in one vectorised pass
         keys: dict[tuple[str, int], int] = {}
         kid = [keys.setdefault((m.param, m.dim), len(keys)) for m in b.members]

@@ -298,3 +298,14 @@ def check_sparsity(sparsity: Any, owner: str = "prune") -> float:
 
 def check_round_to(round_to: Any, owner: str = "prune") -> int:
     return check_int(round_to, "round_to", owner, low=1)
+
+
+def comp_keep_for(graph: ChannelGraph, plan: Plan) -> np.ndarray:
+    """Keep flag per channel unit (component) of ``graph`` under ``plan`` (not validated)."""
+    keep = np.ones(graph.ncomp, dtype=bool)
+    for name, gp in plan.groups.items():
+        g = graph.group(name)
+        drop = np.ones(g.size, dtype=bool)
+        drop[list(gp.keep)] = False
+        keep[g.comps[drop]] = False
+    return keep

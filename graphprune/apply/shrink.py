@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ParityError, PlanError
 from ..graph import ChannelGraph
-from ..plan import Plan
+from ..plan import Plan, comp_keep_for
 from ..rules.builder import TInfo
 from ..rules.registry import resizer_for
 from .._modcopy import copy_tree, meta_args, share, to_meta
@@ -42,13 +42,7 @@ class Applied:
 
 def comp_keep_from_plan(graph: ChannelGraph, plan: Plan) -> np.ndarray:
     plan.validate(graph)
-    keep = np.ones(graph.ncomp, dtype=bool)
-    for name, gp in plan.groups.items():
-        g = graph.group(name)
-        mask = np.ones(g.size, dtype=bool)
-        mask[list(gp.keep)] = False
-        keep[g.comps[mask]] = False
-    return keep
+    return comp_keep_for(graph, plan)
 
 
 def kept_indices(graph: ChannelGraph, comp_keep: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
@@ -116,13 +110,15 @@ def _set_tensor(mods: dict[str, nn.Module], name: str, value: torch.Tensor,
 
 
 def apply_plan(graph: ChannelGraph, plan: Plan, *, inplace: bool = False,
-               verify: bool | str = True) -> Applied:
+               verify: bool | str = True, weights: dict[str, torch.Tensor] | None = None) -> Applied:
     """Physically apply ``plan`` to the graph's model.
 
     Returns a new model (the original is untouched unless ``inplace``) whose coupled parameters
     are sliced and whose modules report their new sizes. With ``verify`` the new model is run on
     the example inputs and the input and output of every layer must have the shape the plan
     implies; ``verify="full"`` traces the new model again and checks every intermediate value.
+    ``weights`` replaces tensors (canonical name -> full-size tensor, e.g. refitted consumers)
+    before they are sliced.
     """
     comp_keep = comp_keep_from_plan(graph, plan)
     kept = kept_indices(graph, comp_keep)
@@ -135,14 +131,15 @@ def apply_plan(graph: ChannelGraph, plan: Plan, *, inplace: bool = False,
     mods = dict(new.named_modules(remove_duplicate=False))
     with torch.no_grad():
         for canon, t in graph.params.items():
+            src = weights.get(canon, t) if weights else t
             if canon in kept:
-                v = t.detach()
+                v = src.detach()
                 for d, idx in sorted(kept[canon].items()):  # index_select copies
                     v = v.index_select(d, torch.as_tensor(idx, device=v.device))
-            elif inplace:
+            elif inplace and src is t:
                 continue
             else:
-                v = t.detach().clone()
+                v = src.detach().clone()
             if isinstance(t, nn.Parameter):
                 v = nn.Parameter(v, requires_grad=t.requires_grad)
             for alias in names_of[canon]:

@@ -1,6 +1,10 @@
-"""Stage 3: scores per channel unit of a group (higher = keep). See ``registry``."""
+"""Stage 3: scores per channel unit of a group (higher = keep), or data-driven selectors.
+See ``registry``."""
 
-from . import magnitude  # noqa: F401  (registers l1, l2, fpgm, random)
-from .registry import ScoreContext, criterion, get_criterion, list_criteria, score_group
+from . import datadriven, magnitude  # noqa: F401  (registers the built-in criteria)
+from .registry import (
+    Criterion, ScoreContext, criterion, get_criterion, list_criteria, score_group, selector,
+)
 
-__all__ = ["ScoreContext", "criterion", "get_criterion", "list_criteria", "score_group"]
+__all__ = ["Criterion", "ScoreContext", "criterion", "get_criterion", "list_criteria",
+           "score_group", "selector"]

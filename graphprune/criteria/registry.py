@@ -1,8 +1,14 @@
 """The criteria registry.
 
-A criterion is a pure function ``fn(group, ctx) -> np.ndarray`` returning one finite score per
-unit of ``group`` (higher = keep). Criteria that need data declare ``needs_data=True`` and read
-``ctx.calibration``; none of them touches global state or hooks.
+Two kinds, one table:
+
+- a *score* criterion is a pure function ``fn(group, ctx) -> np.ndarray`` returning one finite
+  score per unit of ``group`` (higher = keep); those that need data declare ``needs_data=True``
+  and read ``ctx.calibration``;
+- a *selector* is ``fn(group, stats, n_keep) -> (kept indices, scores)``: it chooses the channels
+  from ``GroupStats`` (sampled contributions of the group's channels to its consumers' outputs).
+
+None of them touches global state or installs hooks.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ ScoreFn = Callable[[Group, "ScoreContext"], np.ndarray]
 @dataclass(frozen=True)
 class Criterion:
     name: str
-    fn: ScoreFn
+    fn: Callable[..., Any]
     needs_data: bool = False
     doc: str = ""
+    kind: str = "score"  # 'score' or 'select'
 
 
 @dataclass
@@ -37,6 +44,7 @@ class ScoreContext:
     calibration: Any = None
     graph: Any = None
     options: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # shared work across groups
 
 
 _CRITERIA: dict[str, Criterion] = {}
@@ -47,6 +55,16 @@ def criterion(name: str, *, needs_data: bool = False) -> Callable[[ScoreFn], Sco
 
     def deco(fn: ScoreFn) -> ScoreFn:
         _CRITERIA[name] = Criterion(name, fn, needs_data, (fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def selector(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a data-driven channel selector under ``name`` (always needs data)."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _CRITERIA[name] = Criterion(name, fn, True, (fn.__doc__ or "").strip(), "select")
         return fn
 
     return deco
@@ -63,11 +81,14 @@ def get_criterion(name: str) -> Criterion:
 
 def list_criteria() -> dict[str, str]:
     """Registered criterion names -> first line of their docstring."""
-    return {k: v.doc.splitlines()[0] if v.doc else "" for k, v in sorted(_CRITERIA.items())}
+    return {k: " ".join(v.doc.split("\n\n")[0].split()) for k, v in sorted(_CRITERIA.items())}
 
 
 def score_group(crit: Criterion, group: Group, ctx: ScoreContext) -> np.ndarray:
     """Run ``crit`` on ``group`` and check that it returned one finite score per unit."""
+    if crit.kind != "score":
+        raise ConfigError(f"'{crit.name}' selects channels from consumer statistics; it has no "
+                          "per-group score.")
     s = np.asarray(crit.fn(group, ctx), dtype=np.float64).ravel()
     if s.shape != (group.size,):
         raise ConfigError(

@@ -77,6 +77,11 @@ class Member:
     index: np.ndarray
     role: str  # 'out', 'in' or 'param'
     module: str  # module path that owns the parameter
+    pos: np.ndarray | None = None  # channel position of each entry in the activation (in order)
+
+    def __post_init__(self) -> None:
+        if self.pos is None:
+            self.pos = np.arange(self.elems.size)
 
 
 class Builder:
