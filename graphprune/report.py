@@ -75,6 +75,10 @@ class Report:
         if len(self.groups) > max_groups:
             g.append((f"... {len(self.groups) - max_groups} more groups", "", "", "", "", ""))
         out.append(_fmt(g))
+        tot = self.fidelity.get("total") if self.fidelity else None
+        if tot:
+            out.append(f"output vs original on the calibration data: relative error "
+                       f"{tot['rel_err']:.4f}, cosine {tot['cosine']:.5f}")
         if self.unsupported:
             out.append("ops without a channel rule (their channels were frozen): " + ", ".join(
                 f"{k} x{len(v)}" for k, v in self.unsupported.items()))

@@ -146,3 +146,20 @@ def test_bad_data_driven_inputs():
         gp.prune(model, x, target_macs=0.00001)
     with pytest.raises(ConfigError, match="not both"):
         gp.prune(model, x, sparsity=0.5, target_macs=0.5)
+
+
+def test_calibration_accepts_loaders_lists_and_pairs(trained):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from graphprune.calibration import as_calibration
+
+    model, (xtr, ytr, _, _) = trained
+    loader = DataLoader(TensorDataset(xtr[:100], ytr[:100]), batch_size=32)
+    c = as_calibration(loader, xtr[:1])
+    assert c.n_samples == 100 and c.has_labels and len(c) == 4
+    c = as_calibration([xtr[:10], xtr[10:30]], xtr[:1])
+    assert c.n_samples == 30 and not c.has_labels
+    c = as_calibration(xtr, xtr[:1], max_samples=50)
+    assert c.n_samples == 50
+    r = gp.prune(model, xtr[:1], sparsity=0.5, method="greedy", calibration=loader)
+    assert r.plan.groups
