@@ -11,7 +11,9 @@ from .errors import (
     ConfigError, ExportError, GraphPruneError, InputError, MaskFileError, ParityError, PlanError,
     TraceError,
 )
-from .export import export_onnx
+from . import coding, deploy, quantize
+from .export import export_bundle, export_onnx
+from .fold import fold_batchnorm
 from .graph import ChannelGraph, Group, trace
 from .masks import apply_masks, load_masks, plan_from_masks, save_masks
 from .plan import GroupPlan, LayerConfig, Plan
@@ -22,6 +24,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ChannelGraph", "ConfigError", "ExportError", "GraphPruneError", "Group", "GroupPlan",
     "InputError", "LayerConfig", "MaskFileError", "ParityError", "Plan", "PlanError",
-    "PruneResult", "Report", "TraceError", "apply_masks", "apply_plan", "criterion", "export_onnx",
+    "PruneResult", "Report", "TraceError", "apply_masks", "apply_plan", "criterion", "coding", "deploy", "export_bundle", "export_onnx", "fold_batchnorm", "quantize",
     "list_criteria", "load_masks", "make_plan", "plan_from_masks", "prune", "save_masks", "trace",
 ]

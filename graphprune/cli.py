@@ -6,15 +6,14 @@ A user error prints one line and exits 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
+
+from .io import staged_dir
 
 DEFAULT_MODEL = "digits"
 
@@ -53,31 +52,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
-# ---------------------------------------------------------------------- output staging
-@contextlib.contextmanager
-def staged_output(out: str) -> Iterator[str]:
-    """Write into a hidden staging directory; move the files into ``out`` only on success."""
-    from .io import OutputError
-
-    out = os.path.abspath(out)
-    created = not os.path.exists(out)
-    try:
-        os.makedirs(out, exist_ok=True)
-        stage = tempfile.mkdtemp(prefix=".graphprune-", dir=out)
-    except OSError as e:
-        raise OutputError(f"cannot write to output directory '{out}': {e.strerror}.") from e
-    try:
-        yield stage
-        for name in os.listdir(stage):
-            os.replace(os.path.join(stage, name), os.path.join(out, name))
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- inspect
@@ -166,7 +140,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         r = prune(model, x, sparsity=args.sparsity, method=args.method, round_to=args.round_to,
                   ignore=args.ignore or (), config=config, plan=args.plan, seed=args.seed)
     files: dict[str, Any] = {}
-    with staged_output(args.out) as stage:
+    with staged_dir(args.out) as stage:
         r.plan.save(os.path.join(stage, "plan.json"))
         save_masks(r.masks, os.path.join(stage, "masks.safetensors"), plan=r.plan)
         if not args.no_export:
@@ -218,21 +192,152 @@ def _print_before_after(con: Any, rep: Any, args: argparse.Namespace) -> None:
               + ("" if args.no_export else ", model.onnx"))
 
 
-# ---------------------------------------------------------------------- export
+# ---------------------------------------------------------------------- export / deploy
+def _model_with_masks(args: argparse.Namespace):
+    model, x = _model_and_input(args)
+    if getattr(args, "masks", None):
+        from .masks import apply_masks
+
+        model = apply_masks(model, args.masks, x)
+    return model, x
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
-    from .masks import apply_masks
 
-    model, x = _model_and_input(args)
-    if args.masks:
-        model = apply_masks(model, args.masks, x)
-    ex = export_onnx(model, x, args.out, exporter=args.exporter)
+    model, x = _model_with_masks(args)
+    calib = None
+    if args.quantize == "int8":
+        from .datasets import load_data
+
+        calib = load_data(args.data or "digits", tuple(x.shape))[0][:256]
+    ex = export_onnx(model, x, args.out, exporter=args.exporter, quantize=args.quantize,
+                     calibration=calib)
     if args.json:
         print(json.dumps(ex.__dict__, indent=1))
     else:
-        _console(args.quiet).print(f"wrote {ex.path} ({ex.bytes:,} bytes, {ex.exporter} exporter, "
-                                   f"opset {ex.opset}); onnxruntime vs PyTorch: max rel err "
-                                   f"{ex.max_rel_err:.1e}")
+        _console(args.quiet).print(
+            f"wrote {ex.path} ({ex.bytes:,} bytes, {ex.quantize or 'fp32'}, {ex.exporter} "
+            f"exporter, opset {ex.opset}); onnxruntime vs PyTorch: max rel err {ex.max_rel_err:.1e}"
+            + (f", int8 cosine {ex.cosine:.5f}" if ex.cosine is not None else ""))
+    return 0
+
+
+def _load_input(path: str):
+    import numpy as np
+
+    from .errors import InputError
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise InputError(f"cannot read input '{path}' as .npy: {e}") from e
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .deploy import Session
+
+    sess = Session(args.onnx, threads=args.threads)
+    outs = sess.run(*[_load_input(p) for p in args.input])
+    if args.output:
+        from .io import atomic_path
+
+        with atomic_path(args.output) as tmp, open(tmp, "wb") as f:
+            np.save(f, outs[0])
+    if args.json:
+        print(json.dumps({"outputs": [{"name": n, "shape": list(o.shape)} for n, o in
+                                      zip(sess.outputs, outs)],
+                          "argmax": outs[0].argmax(-1).tolist() if outs[0].ndim == 2 else None}))
+    else:
+        con = _console(args.quiet)
+        for n, o in zip(sess.outputs, outs):
+            con.print(f"{n}: shape {list(o.shape)}" + (f", argmax {o.argmax(-1).tolist()[:20]}"
+                                                       if o.ndim == 2 else ""))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .deploy import check
+
+    model, x = _model_with_masks(args)
+    xs = [_load_input(p) for p in args.input] if args.input else [x.numpy()]
+    res = check(args.onnx, model, *xs)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        _console(args.quiet).print(f"{args.onnx} vs {args.model}: max abs err "
+                                   f"{res['max_abs_err']:.3e}, max rel err {res['max_rel_err']:.3e}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .deploy import Session
+    from .errors import ConfigError
+    from .specs import parse_shape
+
+    sess = Session(args.onnx, threads=args.threads)
+    if args.input:
+        xs = [_load_input(p) for p in args.input]
+    else:
+        xs = []
+        for i, (name, shape, typ) in enumerate(sess.inputs):
+            if args.input_shape and i == 0:
+                shp = parse_shape(args.input_shape)
+            elif all(isinstance(s, int) for s in shape):
+                shp = tuple(shape)
+            elif all(isinstance(s, int) for s in shape[1:]):
+                shp = (1, *shape[1:])
+            else:
+                raise ConfigError(f"input '{name}' has a dynamic shape {shape}: pass --input-shape.")
+            xs.append(np.random.default_rng(0).standard_normal(shp).astype(np.float32))
+    res = sess.benchmark(*xs, warmup=args.warmup, runs=args.runs)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        _console(args.quiet).print(
+            f"{args.onnx}: median {res['p50']:.3f} ms, p90 {res['p90']:.3f} ms, p99 "
+            f"{res['p99']:.3f} ms, min {res['min']:.3f} ms over {res['runs']} runs "
+            f"({args.threads or 'default'} threads)")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from .coding import encode
+    from .quantize import quantize
+
+    model, x = _model_with_masks(args)
+    if args.fold_bn:
+        from .fold import fold_batchnorm
+
+        model = fold_batchnorm(model, x)
+    obj = model if args.scheme == "none" else quantize(model, {"scheme": args.scheme,
+                                                               **({"bits": args.bits} if args.scheme
+                                                                  in ("linear", "kmeans", "dorefa")
+                                                                  else {})})
+    rep = encode(obj, args.out, method=args.method)
+    if args.json:
+        print(json.dumps({"path": rep.path, "bytes": rep.bytes, "fp32_bytes": rep.fp32_bytes,
+                          "ratio": rep.ratio}))
+    else:
+        _console(args.quiet).print(f"wrote {rep.path}: {rep.bytes:,} bytes, {rep.ratio:.1f}x "
+                                   f"smaller than the {rep.fp32_bytes:,} bytes of fp32 tensors")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from ._safetensors import dumps
+    from .coding import decode
+    from .io import atomic_write_bytes
+
+    state = decode(args.coded)
+    atomic_write_bytes(args.out, dumps(state, {"format": "graphprune.decoded"}))
+    _console(args.quiet or args.json).print(f"wrote {args.out}: {len(state)} tensors")
+    if args.json:
+        print(json.dumps({"path": args.out, "tensors": len(state)}))
     return 0
 
 
@@ -269,7 +374,54 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--masks", help="mask file to apply before exporting")
     pe.add_argument("--out", default="model.onnx")
     pe.add_argument("--exporter", default="auto", choices=("auto", "dynamo", "legacy"))
+    pe.add_argument("--quantize", choices=("none", "int8"), default="none")
+    pe.add_argument("--data", help="calibration data for int8: digits, a .npz/.npy, an image folder")
     pe.set_defaults(fn=cmd_export)
+
+    pr = sub.add_parser("run", help="run an ONNX model in onnxruntime on .npy inputs")
+    pr.add_argument("onnx")
+    pr.add_argument("--input", action="append", required=True, help=".npy input (repeatable)")
+    pr.add_argument("--output", help="write the first output to this .npy")
+    pr.add_argument("--threads", type=int, default=None)
+    for flag in ("--json", "--quiet", "--debug"):
+        pr.add_argument(flag, action="store_true")
+    pr.set_defaults(fn=cmd_run)
+
+    pc = sub.add_parser("check", help="compare an ONNX model with its PyTorch source")
+    pc.add_argument("onnx")
+    _common(pc)
+    pc.add_argument("--masks", help="mask file the ONNX model was pruned with")
+    pc.add_argument("--input", action="append", help=".npy input (default: random of --input-shape)")
+    pc.set_defaults(fn=cmd_check)
+
+    pb = sub.add_parser("bench", help="latency percentiles of an ONNX model in onnxruntime")
+    pb.add_argument("onnx")
+    pb.add_argument("--input", action="append", help=".npy input (default: random)")
+    pb.add_argument("--input-shape", help="shape of a random input, e.g. 1,3,224,224")
+    pb.add_argument("--threads", type=int, default=None)
+    pb.add_argument("--runs", type=int, default=100)
+    pb.add_argument("--warmup", type=int, default=10)
+    for flag in ("--json", "--quiet", "--debug"):
+        pb.add_argument(flag, action="store_true")
+    pb.set_defaults(fn=cmd_bench)
+
+    pn = sub.add_parser("encode", help="quantize and code the weights (Deep Compression)")
+    _common(pn)
+    pn.add_argument("--masks", help="mask file to apply first")
+    pn.add_argument("--scheme", default="kmeans",
+                    choices=("kmeans", "linear", "fixed_point", "naive", "dorefa", "none"))
+    pn.add_argument("--bits", type=int, default=4)
+    pn.add_argument("--method", default="huffman", choices=("huffman", "linear", "fixed_point", "raw"))
+    pn.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs first")
+    pn.add_argument("--out", default="model.gpc")
+    pn.set_defaults(fn=cmd_encode)
+
+    pd = sub.add_parser("decode", help="decode a coded file to a safetensors state dict")
+    pd.add_argument("coded")
+    pd.add_argument("--out", default="weights.safetensors")
+    for flag in ("--json", "--quiet", "--debug"):
+        pd.add_argument(flag, action="store_true")
+    pd.set_defaults(fn=cmd_decode)
     return p
 
 

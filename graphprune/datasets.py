@@ -47,3 +47,106 @@ def sample_crops(n: int, size: int = 224, seed: int = 0) -> torch.Tensor:
             crop = crop.flip(-1)
         out.append((crop - mean) / std)
     return torch.stack(out)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_IMG = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_data(spec: str, input_shape: tuple[int, ...] | None = None, *, max_items: int = 2048
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Data for the CLI's ``--data``: ``(calib_x, calib_y, eval_x, eval_y)``.
+
+    ``digits`` (scikit-learn's, train split to calibrate, test split to evaluate); a ``.npz``
+    with ``x``/``y`` (or ``x_train``/``y_train``/``x_test``/``y_test``); a ``.npy`` of inputs;
+    or a folder of images (labels from sub-folder names, resized to ``input_shape`` and
+    normalised with the ImageNet mean/std). Without separate splits, the first 80% calibrate
+    and the last 20% evaluate.
+    """
+    import os
+
+    from .errors import InputError
+
+    if spec == "digits":
+        xtr, ytr, xte, yte = digits()
+        return xtr, ytr, xte, yte
+    if not os.path.exists(spec):
+        raise InputError(f"--data '{spec}' does not exist (expected 'digits', a .npz/.npy file or a "
+                         "folder of images).")
+    if os.path.isdir(spec):
+        x, y = _image_folder(spec, input_shape, max_items)
+    elif spec.endswith(".npz"):
+        try:
+            d = np.load(spec, allow_pickle=False)
+        except Exception as e:
+            raise InputError(f"cannot read '{spec}' as .npz: {e}") from e
+        keys = set(d.files)
+        if {"x_train", "x_test"} <= keys:
+            f = lambda k: torch.from_numpy(d[k]) if k in keys else None  # noqa: E731
+            return (f("x_train").float(), _long(f("y_train")), f("x_test").float(),
+                    _long(f("y_test")))
+        if "x" not in keys:
+            raise InputError(f"'{spec}' must hold an array 'x' (and optionally 'y'), or "
+                             f"x_train/x_test. It holds: {', '.join(sorted(keys))}.")
+        x = torch.from_numpy(d["x"]).float()
+        y = _long(torch.from_numpy(d["y"])) if "y" in keys else None
+    elif spec.endswith(".npy"):
+        try:
+            x, y = torch.from_numpy(np.load(spec, allow_pickle=False)).float(), None
+        except Exception as e:
+            raise InputError(f"cannot read '{spec}' as .npy: {e}") from e
+    else:
+        raise InputError(f"--data '{spec}': expected 'digits', a .npz/.npy file or a folder.")
+    if x.shape[0] < 2:
+        raise InputError(f"--data '{spec}' holds {x.shape[0]} sample(s); at least 2 are needed.")
+    cut = max(1, int(0.8 * x.shape[0]))
+    return x[:cut], None if y is None else y[:cut], x[cut:], None if y is None else y[cut:]
+
+
+def _long(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.long()
+
+
+def _image_folder(path: str, input_shape: tuple[int, ...] | None, max_items: int):
+    import os
+
+    from PIL import Image
+
+    from .errors import InputError
+
+    if input_shape is None or len(input_shape) != 4:
+        raise InputError("a folder of images needs --input-shape N,C,H,W to size the images.")
+    _, c, h, w = input_shape
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError as e:
+        raise InputError(f"cannot read data folder '{path}': {e.strerror}.") from e
+    classes = [e for e in entries if os.path.isdir(os.path.join(path, e))]
+    files: list[tuple[str, int | None]] = []
+    if classes:
+        for k, cl in enumerate(classes):
+            for f in sorted(os.listdir(os.path.join(path, cl))):
+                if f.lower().endswith(_IMG):
+                    files.append((os.path.join(path, cl, f), k))
+    else:
+        files = [(os.path.join(path, f), None) for f in entries if f.lower().endswith(_IMG)]
+    if not files:
+        raise InputError(f"data folder '{path}' holds no images ({', '.join(_IMG)}).")
+    g = np.random.default_rng(0)
+    order = g.permutation(len(files))[:max_items]
+    xs, ys = [], []
+    mean = torch.tensor(IMAGENET_MEAN[:c] if c == 3 else [0.5] * c).view(c, 1, 1)
+    std = torch.tensor(IMAGENET_STD[:c] if c == 3 else [0.5] * c).view(c, 1, 1)
+    for i in order:
+        f, label = files[i]
+        try:
+            im = Image.open(f).convert("RGB" if c == 3 else "L").resize((w, h))
+        except Exception as e:
+            raise InputError(f"cannot read image '{f}': {e}") from e
+        t = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255)
+        t = t.permute(2, 0, 1) if t.ndim == 3 else t[None]
+        xs.append((t - mean) / std)
+        ys.append(label)
+    y = torch.tensor(ys) if all(v is not None for v in ys) else None
+    return torch.stack(xs), y

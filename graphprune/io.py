@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 
@@ -52,3 +53,26 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) ->
     """Call ``writer(tmp_path)`` and move the result into place."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike) -> Iterator[str]:
+    """Yield a hidden staging directory inside ``out``; its files move into ``out`` only when
+    the block succeeds. On failure nothing is left behind (``out`` too, if this created it)."""
+    out = os.path.abspath(os.fspath(out))
+    created = not os.path.exists(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        stage = tempfile.mkdtemp(prefix=".graphprune-", dir=out)
+    except OSError as e:
+        raise OutputError(f"cannot write to output directory '{out}': {e.strerror}.") from e
+    try:
+        yield stage
+        for name in sorted(os.listdir(stage)):
+            os.replace(os.path.join(stage, name), os.path.join(out, name))
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -15,8 +15,12 @@ from .errors import ConfigError, InputError, MaskFileError, did_you_mean
 
 
 def _zoo() -> dict[str, Any]:
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    """The reference models of the repository: ``models/`` in the working directory, or next to
+    the graphprune package (an editable install of this repository)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for d in (os.getcwd(), here):
+        if os.path.isfile(os.path.join(d, "models", "__init__.py")) and d not in sys.path:
+            sys.path.insert(0, d)
     try:
         return importlib.import_module("models").ZOO
     except Exception:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .._validate import check_choice
-from ..errors import ExportError, ParityError
+from ..errors import ConfigError, ExportError, ParityError
 from ..io import OutputError, atomic_path
 from ..trace import normalize_inputs, preserved_state
 
@@ -30,9 +30,12 @@ class ExportResult:
     path: str
     exporter: str
     opset: int
-    max_abs_err: float
+    max_abs_err: float  # onnxruntime vs PyTorch on the example inputs
     max_rel_err: float
     bytes: int
+    quantize: str | None = None
+    cosine: float | None = None  # int8: output cosine vs PyTorch fp32 on the calibration data
+    agreement: float | None = None  # int8: top-1 agreement with PyTorch on the calibration data
 
 
 def _batched(args: tuple[Any, ...], n: int = 2) -> tuple[Any, ...]:
@@ -96,7 +99,9 @@ def onnx_parity(path: str, model: nn.Module, example_inputs: Any) -> tuple[float
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
                 dynamic_batch: bool = True, opset: int | None = None, exporter: str = "auto",
-                check: bool = True, rtol: float = 1e-4) -> ExportResult:
+                check: bool = True, rtol: float = 1e-4, quantize: str | None = None,
+                calibration: Any = None, calibrate_method: str = "minmax",
+                min_cosine: float = 0.98) -> ExportResult:
     """Export ``model`` to a single ONNX file at ``path`` (written atomically).
 
     ``exporter`` is 'dynamo' (torch.export based), 'legacy' (TorchScript based; faster, deprecated
@@ -104,12 +109,33 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     ``onnx.checker`` and match PyTorch in onnxruntime within ``rtol`` (relative to the output's
     largest magnitude), else nothing is written and a ``ParityError`` is raised.
 
+    ``quantize="int8"`` writes a statically quantized QDQ model (int8 per-channel weights, uint8
+    activations calibrated on ``calibration`` with ``calibrate_method``), which onnxruntime runs
+    with QLinearConv / QGemm kernels; its outputs must keep a cosine of at least ``min_cosine``
+    with PyTorch's on the calibration data.
+
     Example:
         >>> graphprune.export_onnx(result.model, torch.randn(1, 3, 224, 224), "model.onnx")
     """
     import onnx
 
     check_choice(exporter, "exporter", "export_onnx", EXPORTERS)
+    if quantize not in (None, "none", "int8"):
+        from ..errors import did_you_mean
+
+        raise ConfigError(f"The 'quantize' parameter of export_onnx must be None or 'int8'. Got "
+                          f"{quantize!r} instead.{did_you_mean(str(quantize), ['int8'])}")
+    quantize = None if quantize == "none" else quantize
+    calib = None
+    if quantize == "int8":
+        from ..calibration import as_calibration
+        from .int8 import METHODS
+
+        check_choice(calibrate_method, "calibrate_method", "export_onnx", METHODS)
+        if calibration is None:
+            raise ConfigError("export_onnx(quantize='int8') needs calibration=... (inputs shaped "
+                              "like the example inputs) to choose the activation ranges.")
+        calib = as_calibration(calibration, example_inputs)
     args, kwargs = normalize_inputs(example_inputs)
     if kwargs:
         raise ExportError("export_onnx takes positional example inputs (a tensor or a tuple), "
@@ -138,9 +164,50 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                     raise ParityError(
                         f"the ONNX model differs from PyTorch by {rel_err:.2e} (relative, max "
                         f"abs {abs_err:.2e}) > rtol={rtol:g}; nothing was written.")
+            cos = agree = None
+            if quantize == "int8":
+                from .int8 import quantize_static_int8
+
+                fp32_tmp = tmp + ".fp32"
+                try:
+                    os.replace(tmp, fp32_tmp)
+                    quantize_static_int8(fp32_tmp, tmp, calib, method=calibrate_method)
+                finally:
+                    if os.path.exists(fp32_tmp):
+                        os.unlink(fp32_tmp)
+                onnx.checker.check_model(tmp, full_check=True)
+                abs_err, rel_err = onnx_parity(tmp, model, args)
+                cos, agree = int8_agreement(tmp, model, calib)
+                if check and cos < min_cosine:
+                    raise ParityError(
+                        f"the int8 model's outputs have cosine {cos:.4f} with PyTorch's on the "
+                        f"calibration data (< {min_cosine}); nothing was written. Try "
+                        "calibrate_method='percentile' or more calibration data.")
             opset_used = max((o.version for o in onnx.load(tmp, load_external_data=False).opset_import
                               if o.domain in ("", "ai.onnx")), default=0)
             size = os.path.getsize(tmp)
     except OutputError as e:
         raise ExportError(str(e)) from e
-    return ExportResult(path, used, opset_used, abs_err, rel_err, size)
+    return ExportResult(path, used, opset_used, abs_err, rel_err, size, quantize, cos, agree)
+
+
+def int8_agreement(path: str, model: nn.Module, calib: Any) -> tuple[float, float]:
+    """Cosine of the ONNX outputs vs PyTorch's, and top-1 agreement, over the calibration data."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    dot = na = nb = 0.0
+    same = total = 0
+    for xs, _ in calib:
+        got = sess.run(None, {n: x.numpy() for n, x in zip(names, xs)})[0].astype(np.float64)
+        with preserved_state(model, "eval"):
+            want = _flatten_out(model(*xs))[0].astype(np.float64)
+        dot += float((got * want).sum())
+        na += float((got * got).sum())
+        nb += float((want * want).sum())
+        if got.ndim == 2:
+            same += int((got.argmax(1) == want.argmax(1)).sum())
+            total += got.shape[0]
+    cos = dot / (na * nb) ** 0.5 if na and nb else 1.0
+    return cos, (same / total if total else float("nan"))

@@ -1,0 +1,166 @@
+"""Stage 6: quantize the weights of a (pruned) model.
+
+``quantize(model, config)`` returns a ``QuantizedModel``: a copy of the model whose weights hold
+the quantized values (it runs and exports as usual), and the integer codes of every quantized
+weight for the coder. ``config`` is one ``QuantConfig`` for every Conv/Linear weight, a dict of
+module path -> config, or an NNI-style list of ``{'quant', 'op_types', 'op_names', 'exclude'}``
+entries, later entries overriding earlier ones.
+
+K-means weights can be fine-tuned as Deep Compression does (section 3.3): ``share_weights()``
+makes every shared weight a view of a learnable centroid, so a centroid's gradient is the sum
+of its weights' gradients; ``freeze()`` writes the trained centroids back to the codes.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import ConfigError
+from .configs import QuantConfig, config_from
+from .schemes import quantize_tensor
+from .tensor import QuantizedTensor
+
+DEFAULT_TYPES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+                 "ConvTranspose3d", "Linear")
+
+
+def _out_axis(m: nn.Module) -> int:
+    return 1 if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
+
+
+class _Shared(nn.Module):
+    """weight = centroids[codes]: the gradient of a centroid sums its weights' gradients."""
+
+    def __init__(self, codes: torch.Tensor, centroids: torch.Tensor, fixed_zero: bool):
+        super().__init__()
+        self.register_buffer("codes", codes.long())
+        self.centroids = nn.Parameter(centroids.clone())
+        self.fixed_zero = fixed_zero
+
+    def forward(self, _: torch.Tensor) -> torch.Tensor:
+        c = self.centroids
+        if self.fixed_zero:  # pruned weights stay exactly zero
+            c = torch.cat([c.new_zeros(1), c[1:]])
+        return c[self.codes]
+
+
+@dataclass
+class QuantizedModel:
+    """A model whose weights are quantized, with their codes (``tensors``: state_dict name ->
+    ``QuantizedTensor``) and the config used per module."""
+
+    model: nn.Module
+    tensors: dict[str, QuantizedTensor]
+    configs: dict[str, QuantConfig] = field(default_factory=dict)
+
+    def share_weights(self) -> list[nn.Parameter]:
+        """Make k-means (and other codebook) weights trainable through their centroids; returns
+        the centroid parameters to optimise."""
+        out = []
+        for name, q in self.tensors.items():
+            if q.codebook is None:
+                continue
+            owner, _, attr = name.rpartition(".")
+            m = self.model.get_submodule(owner)
+            if parametrize.is_parametrized(m, attr):
+                continue
+            fixed_zero = bool(q.codebook[0] == 0) and q.scheme == "kmeans"
+            p = _Shared(q.codes, q.codebook.to(getattr(m, attr).dtype), fixed_zero)
+            parametrize.register_parametrization(m, attr, p, unsafe=True)
+            out.append(p.centroids)
+        return out
+
+    def freeze(self) -> QuantizedModel:
+        """Remove the centroid parametrizations, keeping the trained centroids as codebooks."""
+        for name, q in self.tensors.items():
+            owner, _, attr = name.rpartition(".")
+            m = self.model.get_submodule(owner)
+            if parametrize.is_parametrized(m, attr):
+                p = m.parametrizations[attr][0]
+                with torch.no_grad():
+                    book = p.centroids.detach().clone().to(torch.float32)
+                    if p.fixed_zero:
+                        book[0] = 0
+                q.codebook = book
+                parametrize.remove_parametrizations(m, attr, leave_parametrized=True)
+                with torch.no_grad():
+                    getattr(m, attr).copy_(q.dequantize().to(getattr(m, attr).dtype))
+        return self
+
+    def summary(self) -> str:
+        lines = [f"{'weight':<40} {'scheme':<12} {'bits':>4}"]
+        for k, q in self.tensors.items():
+            lines.append(f"{k:<40} {q.scheme:<12} {q.bits:>4}")
+        return "\n".join(lines)
+
+
+def _resolve(model: nn.Module, config: Any) -> dict[str, QuantConfig]:
+    mods = dict(model.named_modules())
+    out: dict[str, QuantConfig] = {}
+    if isinstance(config, (QuantConfig, str)) or (isinstance(config, Mapping) and "scheme" in config):
+        cfg = config_from(config)
+        return {n: cfg for n, m in mods.items() if type(m).__name__ in DEFAULT_TYPES}
+    if isinstance(config, Mapping):
+        for path, c in config.items():
+            if path not in mods:
+                from ..errors import did_you_mean
+
+                raise ConfigError(f"quantize: the model has no module '{path}'."
+                                  f"{did_you_mean(path, mods)}")
+            out[path] = config_from(c)
+        return out
+    if isinstance(config, Sequence):
+        matched = False
+        for i, e in enumerate(config):
+            if not isinstance(e, Mapping):
+                raise ConfigError(f"quantize: config list entry {i} must be a dict. Got {e!r}.")
+            types = e.get("op_types", ["default"])
+            names = e.get("op_names", [])
+            cfg = None if e.get("exclude") else config_from(e.get("quant", e.get("quant_type")))
+            for n, m in mods.items():
+                t = type(m).__name__
+                if not ((t in types) or ("default" in types and t in DEFAULT_TYPES)):
+                    continue
+                if names and not any(fnmatch.fnmatchcase(n, p) for p in names):
+                    continue
+                matched = True
+                if cfg is None:
+                    out.pop(n, None)
+                else:
+                    out[n] = cfg
+        if config and not matched:
+            raise ConfigError("quantize: no module matches the config list (op_types are class "
+                              "names such as Conv2d, op_names module paths).")
+        return out
+    raise ConfigError(f"quantize: config must be a QuantConfig, a dict or a list. Got {config!r}.")
+
+
+def quantize(model: nn.Module, config: Any = "linear", *, inplace: bool = False) -> QuantizedModel:
+    """Quantize the weights of ``model`` (see the module docstring for ``config``).
+
+    Example:
+        >>> q = graphprune.quantize(pruned, graphprune.quantize.KMeans(bits=4))
+        >>> graphprune.coding.encode(q, "model.gpc")
+    """
+    resolved = _resolve(model, config)
+    target = model if inplace else copy.deepcopy(model)
+    mods = dict(target.named_modules())
+    tensors: dict[str, QuantizedTensor] = {}
+    for path, cfg in resolved.items():
+        m = mods[path]
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.ndim < 1:
+            continue
+        q = quantize_tensor(w, cfg, _out_axis(m))
+        with torch.no_grad():
+            w.copy_(q.dequantize().to(w.dtype))
+        tensors[f"{path}.weight" if path else "weight"] = q
+    return QuantizedModel(target, tensors, resolved)
