@@ -284,7 +284,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         xs = [_load_input(p) for p in args.input]
     else:
         xs = []
-        for i, (name, shape, typ) in enumerate(sess.inputs):
+        for i, (name, shape, _) in enumerate(sess.inputs):
             if args.input_shape and i == 0:
                 shp = parse_shape(args.input_shape)
             elif all(isinstance(s, int) for s in shape):

@@ -317,9 +317,9 @@ def _decode_tensor(e: dict[str, Any], data: bytes) -> torch.Tensor:
         s, _, _ = _segment(data, segs, "scale", name)
         z, _, _ = _segment(data, segs, "zero_point", name)
         sshape = tuple(dq.get("scale_shape", []))
-        q = QuantizedTensor(codes, e["scheme"], e["bits"],
-                            scale=torch.from_numpy(np.frombuffer(s, dtype=np.float32).copy()).reshape(sshape),
-                            zero_point=torch.from_numpy(np.frombuffer(z, dtype=np.int32).copy()).reshape(sshape),
+        scale = torch.from_numpy(np.frombuffer(s, dtype=np.float32).copy()).reshape(sshape)
+        zp = torch.from_numpy(np.frombuffer(z, dtype=np.int32).copy()).reshape(sshape)
+        q = QuantizedTensor(codes, e["scheme"], e["bits"], scale=scale, zero_point=zp,
                             axis=dq.get("axis"))
     return dequantize(q).to(dtype)
 

@@ -48,11 +48,16 @@ def _export(model: nn.Module, args: tuple[Any, ...], path: str, exporter: str,
             dynamic_batch: bool, opset: int | None) -> None:
     n_in = sum(isinstance(a, torch.Tensor) for a in args)
     in_names = ["input"] if n_in == 1 else [f"input{i}" for i in range(n_in)]
-    kw: dict[str, Any] = {"input_names": in_names}
+    with torch.no_grad(), preserved_state(model, "eval"):
+        y = model(*args)
+    n_out = len(_flatten_out(y))
+    out_names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
+    kw: dict[str, Any] = {"input_names": in_names, "output_names": out_names}
     if opset is not None:
         kw["opset_version"] = opset
     sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), \
+            contextlib.redirect_stderr(sink):
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             shapes = tuple({0: torch.export.Dim("batch", min=1)} if isinstance(a, torch.Tensor)
@@ -61,7 +66,7 @@ def _export(model: nn.Module, args: tuple[Any, ...], path: str, exporter: str,
                               dynamo=True, external_data=False, dynamic_shapes=shapes,
                               verbose=False, **kw)
         else:
-            axes = {n: {0: "batch"} for n in in_names} if dynamic_batch else None
+            axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
             torch.onnx.export(model, args, path, dynamo=False, dynamic_axes=axes, **kw)
 
 
@@ -136,6 +141,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             raise ConfigError("export_onnx(quantize='int8') needs calibration=... (inputs shaped "
                               "like the example inputs) to choose the activation ranges.")
         calib = as_calibration(calibration, example_inputs)
+    from ..quantize.qat import has_qat, strip_qat
+
+    qat = has_qat(model)
+    if qat and quantize == "int8":  # weights are on the int8 grid; activations calibrated here
+        model = strip_qat(model)
     args, kwargs = normalize_inputs(example_inputs)
     if kwargs:
         raise ExportError("export_onnx takes positional example inputs (a tensor or a tuple), "
@@ -183,6 +193,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                         f"the int8 model's outputs have cosine {cos:.4f} with PyTorch's on the "
                         f"calibration data (< {min_cosine}); nothing was written. Try "
                         "calibrate_method='percentile' or more calibration data.")
+            if qat and quantize is None:  # fake-quant graph: store its weights as int8
+                from ..quantize.qat import int8_initializers
+
+                int8_initializers(tmp)
             opset_used = max((o.version for o in onnx.load(tmp, load_external_data=False).opset_import
                               if o.domain in ("", "ai.onnx")), default=0)
             size = os.path.getsize(tmp)
