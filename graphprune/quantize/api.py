@@ -37,19 +37,35 @@ def _out_axis(m: nn.Module) -> int:
 
 
 class _Shared(nn.Module):
-    """weight = centroids[codes]: the gradient of a centroid sums its weights' gradients."""
+    """weight = centroids[codes]: the gradient of a centroid sums its weights' gradients.
 
-    def __init__(self, codes: torch.Tensor, centroids: torch.Tensor, fixed_zero: bool):
+    With ``relabel`` the original weights stay as full-precision latents that also train (straight-
+    through), and every forward re-assigns each weight to its nearest centroid, so labels move too.
+    """
+
+    def __init__(self, codes: torch.Tensor, centroids: torch.Tensor, fixed_zero: bool,
+                 relabel: bool = False):
         super().__init__()
         self.register_buffer("codes", codes.long())
         self.centroids = nn.Parameter(centroids.clone())
-        self.fixed_zero = fixed_zero
+        self.fixed_zero, self.relabel = fixed_zero, relabel
 
-    def forward(self, _: torch.Tensor) -> torch.Tensor:
+    def _book(self) -> torch.Tensor:
         c = self.centroids
-        if self.fixed_zero:  # pruned weights stay exactly zero
-            c = torch.cat([c.new_zeros(1), c[1:]])
-        return c[self.codes]
+        return torch.cat([c.new_zeros(1), c[1:]]) if self.fixed_zero else c  # zeros stay zero
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        c = self._book()
+        if not self.relabel:
+            return c[self.codes]
+        with torch.no_grad():
+            first = 1 if self.fixed_zero else 0
+            dist = (latent.detach().unsqueeze(-1) - c[first:].detach()).abs()
+            new = dist.argmin(dim=-1) + first
+            if self.fixed_zero:  # pruned weights keep code 0
+                new = torch.where(self.codes == 0, self.codes, new)
+            self.codes.copy_(new)
+        return c[self.codes] + (latent - latent.detach())
 
 
 @dataclass
@@ -61,9 +77,11 @@ class QuantizedModel:
     tensors: dict[str, QuantizedTensor]
     configs: dict[str, QuantConfig] = field(default_factory=dict)
 
-    def share_weights(self) -> list[nn.Parameter]:
+    def share_weights(self, relabel: bool = False) -> list[nn.Parameter]:
         """Make k-means (and other codebook) weights trainable through their centroids; returns
-        the centroid parameters to optimise."""
+        the centroid parameters (the optimiser sees them through ``model.parameters()``). With
+        ``relabel`` the weights also train as full-precision latents and are re-assigned to the
+        nearest centroid at every step (labels refined, not only centroids)."""
         out = []
         for name, q in self.tensors.items():
             if q.codebook is None:
@@ -73,7 +91,7 @@ class QuantizedModel:
             if parametrize.is_parametrized(m, attr):
                 continue
             fixed_zero = bool(q.codebook[0] == 0) and q.scheme == "kmeans"
-            p = _Shared(q.codes, q.codebook.to(getattr(m, attr).dtype), fixed_zero)
+            p = _Shared(q.codes, q.codebook.to(getattr(m, attr).dtype), fixed_zero, relabel)
             parametrize.register_parametrization(m, attr, p, unsafe=True)
             out.append(p.centroids)
         return out
@@ -90,6 +108,7 @@ class QuantizedModel:
                     if p.fixed_zero:
                         book[0] = 0
                 q.codebook = book
+                q.codes = p.codes.detach().to(torch.int32).clone()
                 parametrize.remove_parametrizations(m, attr, leave_parametrized=True)
                 with torch.no_grad():
                     getattr(m, attr).copy_(q.dequantize().to(getattr(m, attr).dtype))

@@ -121,3 +121,24 @@ def test_qat_fake_quantizes_and_learns():
     loss = q(x).pow(2).mean()
     loss.backward()
     assert layer.layer.weight.grad is not None and layer.layer.weight.grad.abs().sum() > 0
+
+
+def test_kmeans_relabel_moves_labels_and_keeps_zeros():
+    torch.manual_seed(0)
+    m = nn.Linear(16, 2, bias=False)
+    with torch.no_grad():
+        m.weight[:, :4] = 0
+    q = quantize(m, KMeans(bits=2))
+    q.share_weights(relabel=True)
+    opt = torch.optim.SGD(q.model.parameters(), lr=0.5)
+    x = torch.randn(32, 16)
+    target = torch.randn(32, 2) * 3
+    for _ in range(30):
+        opt.zero_grad()
+        (q.model(x) - target).pow(2).mean().backward()
+        opt.step()
+    q.freeze()
+    w = q.model.weight.detach()
+    assert (w[:, :4] == 0).all()  # pruned weights stayed pruned
+    assert len(torch.unique(w)) <= 4
+    assert torch.equal(q.tensors["weight"].dequantize(), w)  # codes follow the new labels
