@@ -29,7 +29,7 @@ def dumps(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | Non
         t = tensors[name].detach().to("cpu").contiguous()
         if t.dtype not in _DTYPES:
             raise TypeError(f"cannot store dtype {t.dtype} of '{name}' in safetensors")
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)

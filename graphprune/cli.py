@@ -9,11 +9,9 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from .io import staged_dir
 
 DEFAULT_MODEL = "digits"
 
@@ -128,68 +126,101 @@ def _read_config(path: str) -> Any:
         raise ConfigError(f"config file '{path}' is not valid YAML/JSON: {e}") from e
 
 
+def _recipe_from_args(args: argparse.Namespace):
+    from .recipe import Recipe
+    from .specs import parse_shape
+
+    if args.recipe:
+        r = Recipe.load(args.recipe)
+    else:
+        r = Recipe()
+    given = {k for k, v in vars(args).items() if v is not None and k in _PRUNE_FLAGS}
+    m, p = r.model, r.prune
+    if "model" in given:
+        m.spec = args.model
+    if "weights" in given:
+        m.weights = args.weights
+    if "input_shape" in given:
+        m.input_shape = list(parse_shape(args.input_shape))
+    if "data" in given:
+        r.data.source = args.data
+    if "method" in given:
+        p.method = args.method
+    if "sparsity" in given:
+        p.sparsity, p.target_macs = args.sparsity, None
+    if "target_macs" in given:
+        p.target_macs, p.sparsity = args.target_macs, None
+    if args.no_reconstruct:
+        p.reconstruct = False
+    if "round_to" in given:
+        p.round_to = args.round_to
+    if "ignore" in given:
+        p.ignore = list(args.ignore)
+    if "config" in given:
+        p.config = _read_config(args.config)
+    if "plan" in given:
+        p.plan = args.plan
+    if "finetune_epochs" in given:
+        r.finetune.epochs = args.finetune_epochs
+    if "quantize" in given:
+        r.quantize.mode = args.quantize
+    if args.code:
+        r.code.enabled = True
+    if "exporter" in given:
+        r.export.exporter = args.exporter
+    if "seed" in given:
+        r.seed = args.seed
+    if args.sensitivity:
+        r.sensitivity = True
+    r.validate()
+    return r
+
+
+_PRUNE_FLAGS = {"model", "weights", "input_shape", "data", "method", "sparsity", "target_macs",
+                "round_to", "ignore", "config", "plan", "finetune_epochs", "quantize", "exporter",
+                "seed"}
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .export import export_onnx
-    from .masks import save_masks
-    from .prune import prune
+    from .pipeline import run, table_rows
 
-    con = _console(args.quiet or args.json)
-    model, x = _model_and_input(args)
-    config = _read_config(args.config) if args.config else None
-    with con.status("tracing and pruning...", spinner="dots"):
-        r = prune(model, x, sparsity=args.sparsity, method=args.method, round_to=args.round_to,
-                  ignore=args.ignore or (), config=config, plan=args.plan, seed=args.seed)
-    files: dict[str, Any] = {}
-    with staged_dir(args.out) as stage:
-        r.plan.save(os.path.join(stage, "plan.json"))
-        save_masks(r.masks, os.path.join(stage, "masks.safetensors"), plan=r.plan)
-        if not args.no_export:
-            with con.status("exporting to ONNX and checking it in onnxruntime...", spinner="dots"):
-                t0 = time.perf_counter()
-                ex = export_onnx(r.model, x, os.path.join(stage, "model.onnx"),
-                                 exporter=args.exporter)
-            r.report.timings["export"] = time.perf_counter() - t0
-            files["onnx"] = {"exporter": ex.exporter, "opset": ex.opset, "bytes": ex.bytes,
-                             "max_rel_err": ex.max_rel_err}
-        rep = r.report.to_dict()
-        rep["model_spec"] = args.model
-        rep["input_shape"] = list(x.shape)
-        rep["files"] = files
-        from .io import atomic_write_text
+    recipe = _recipe_from_args(args)
+    quiet = args.quiet or args.json
+    con = _console(quiet)
+    if quiet:
+        report = run(recipe, args.out)
+    else:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        atomic_write_text(os.path.join(stage, "report.json"), json.dumps(rep, indent=1) + "\n")
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                      "{task.total}"), TimeElapsedColumn(), console=con, transient=True) as bar:
+            task = {}
+
+            def progress(group: str, i: int, n: int) -> None:
+                if "id" not in task:
+                    task["id"] = bar.add_task("reconstructing", total=n)
+                bar.update(task["id"], completed=i, description=f"reconstructing {group}")
+
+            report = run(recipe, args.out, log=lambda m: con.print(f"[dim]{m}[/]"),
+                         progress=progress)
     if args.json:
-        print(json.dumps({"out": os.path.abspath(args.out), "params": r.report.params,
-                          "macs": r.report.macs, "bytes": r.report.bytes,
-                          "timings": r.report.timings, "files": files}, indent=1))
+        print(json.dumps({k: report[k] for k in ("model", "before", "after", "timings_s")} |
+                         {"out": os.path.abspath(args.out)}, indent=1, default=str))
         return 0
-    _print_before_after(con, r.report, args)
-    return 0
-
-
-def _print_before_after(con: Any, rep: Any, args: argparse.Namespace) -> None:
     from rich.table import Table
 
-    t = Table(title=f"graphprune prune --model {args.model} --sparsity {args.sparsity} "
-                    f"--method {args.method}")
+    r = recipe
+    t = Table(title=f"{report['model']}: {r.prune.method}" + (" + reconstruction" if r.prune.reconstruct
+                                                             else "")
+              + f", fine-tune {r.finetune.epochs} ep, {report['after']['precision']}")
     for c in ("", "before", "after", "after/before"):
         t.add_column(c, justify="left" if not c else "right")
-    for k in ("params", "macs", "bytes"):
-        b, a = getattr(rep, k)
-        t.add_row(k, f"{b:,}", f"{a:,}", f"{a / b:.3f}" if b else "-")
+    for row in table_rows(report):
+        t.add_row(*row)
     con.print(t)
-    g = Table(title="channels per group")
-    for c in ("group", "before", "after", "note"):
-        g.add_column(c, justify="right" if c in ("before", "after") else "left")
-    for row in rep.groups[:30]:
-        g.add_row(row.name, str(row.channels_before), str(row.channels_after),
-                  "" if row.prunable else (row.reason or ""))
-    con.print(g)
-    if len(rep.groups) > 30:
-        con.print(f"... {len(rep.groups) - 30} more groups in report.json")
-    con.print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in rep.timings.items()))
-    con.print(f"wrote {os.path.abspath(args.out)}/: plan.json, masks.safetensors, report.json"
-              + ("" if args.no_export else ", model.onnx"))
+    files = sorted(f for f in os.listdir(args.out) if not f.startswith("."))
+    con.print(f"wrote {os.path.abspath(args.out)}/: {', '.join(files)}")
+    return 0
 
 
 # ---------------------------------------------------------------------- export / deploy
@@ -354,19 +385,34 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--max-rows", type=int, default=80)
     pi.set_defaults(fn=cmd_inspect)
 
-    pp = sub.add_parser("prune", help="prune, shrink, export (the main job)")
-    _common(pp)
-    pp.add_argument("--sparsity", type=float, default=0.5, help="fraction of channels removed "
-                    "per group (default %(default)s)")
-    pp.add_argument("--method", default="l1", help="criterion: l1, l2, fpgm, random, ...")
-    pp.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of N")
+    pp = sub.add_parser("prune", help="prune, fine-tune, quantize, export: the main job")
+    pp.add_argument("--model", default=None,
+                    help="SPEC: a models/ name (digits, resnet56...), torchvision:NAME, timm:NAME "
+                         "or package.module:callable (default: the embedded digits classifier)")
+    pp.add_argument("--input-shape", help="example input shape, batch first, e.g. 1,3,224,224")
+    pp.add_argument("--weights", help="weights to load: .safetensors, or a state dict (.pt/.pth, "
+                                     "read with weights_only=True)")
+    pp.add_argument("--data", help="digits, photos (crops of scikit-learn's sample photos), "
+                                   "random, a .npz/.npy file or a folder of images")
+    pp.add_argument("--sparsity", type=float, help="fraction of channels removed per group (0.5)")
+    pp.add_argument("--target-macs", type=float, help="keep this fraction of the MACs instead")
+    pp.add_argument("--method", help="lasso (default), greedy, l1, l2, fpgm, taylor, bn_scale, random")
+    pp.add_argument("--no-reconstruct", action="store_true", help="skip least-squares refitting")
+    pp.add_argument("--round-to", type=int, help="keep channel counts a multiple of N")
     pp.add_argument("--ignore", action="append", help="module path left alone (repeatable)")
     pp.add_argument("--config", help="YAML/JSON config list (sparsity, op_types, op_names, exclude)")
-    pp.add_argument("--plan", help="apply this plan.json instead of scoring")
-    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--plan", help="apply this plan.json instead of choosing channels")
+    pp.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning (5)")
+    pp.add_argument("--quantize", choices=("none", "int8"), help="ONNX precision (int8)")
+    pp.add_argument("--code", action="store_true", help="also write model.gpc: 4-bit k-means + "
+                                                       "Huffman (Deep Compression)")
+    pp.add_argument("--sensitivity", action="store_true", help="also plot per-group sensitivity")
+    pp.add_argument("--recipe", help="YAML/JSON recipe (or a report.json) to run; flags override it")
+    pp.add_argument("--seed", type=int)
+    pp.add_argument("--exporter", choices=("auto", "dynamo", "legacy"))
     pp.add_argument("--out", default="out", help="output directory (default %(default)s)")
-    pp.add_argument("--no-export", action="store_true", help="skip the ONNX export")
-    pp.add_argument("--exporter", default="auto", choices=("auto", "dynamo", "legacy"))
+    for flag in ("--json", "--quiet", "--debug"):
+        pp.add_argument(flag, action="store_true")
     pp.set_defaults(fn=cmd_prune)
 
     pe = sub.add_parser("export", help="export a model (optionally with masks) to ONNX")

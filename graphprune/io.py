@@ -76,3 +76,18 @@ def staged_dir(out: str | os.PathLike) -> Iterator[str]:
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_writable(out: str | os.PathLike) -> None:
+    """Fail early if ``out`` (a directory, created if missing) cannot be written; leaves no trace."""
+    out = os.path.abspath(os.fspath(out))
+    probe = out
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise OutputError(f"cannot write to output directory '{out}': '{probe}' is not a directory.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to output directory '{out}': '{probe}' is not writable.")

@@ -10,8 +10,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def gp(*args, cwd=ROOT):
+def gp(*args, cwd=ROOT, cache=None):
     env = dict(os.environ, PYTHONPATH=ROOT)
+    if cache is not None:
+        env["XDG_CACHE_HOME"] = str(cache)
     return subprocess.run([sys.executable, "-m", "graphprune", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -32,24 +34,47 @@ def test_inspect_table():
     assert "conv2" in r.stdout and "prunable" in r.stdout
 
 
-def test_prune_writes_every_file(tmp_path):
+BUNDLE = ["channels.png", "masks.safetensors", "model.onnx", "model.safetensors", "plan.json",
+          "recipe.json", "report.json", "report.md"]
+
+
+def test_default_run_is_the_main_job(tmp_path):
     out = tmp_path / "out"
-    r = gp("prune", "--model", "resnet20", "--sparsity", "0.5", "--out", str(out),
-           "--exporter", "legacy")
+    r = gp("prune", "--out", str(out), cwd=tmp_path, cache=tmp_path / "cache")
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == ["masks.safetensors", "model.onnx", "plan.json", "report.json"]
+    assert sorted(os.listdir(out)) == BUNDLE
     rep = json.loads((out / "report.json").read_text())
-    assert rep["params"][1] < rep["params"][0] and rep["files"]["onnx"]["max_rel_err"] < 1e-4
-    assert "params" in r.stdout and "after" in r.stdout
+    b, a = rep["before"], rep["after"]
+    assert a["params"] < b["params"] and a["macs"] < b["macs"] and a["onnx_bytes"] < b["onnx_bytes"]
+    assert a["precision"] == "int8" and rep["recipe"]["prune"]["method"] == "lasso"
+    assert abs(a["accuracy_ort"] - a["accuracy_torch"]) <= 0.01
+    assert a["accuracy_ort"] > 0.95 and b["accuracy_torch"] > 0.97
+    assert "accuracy, onnxruntime" in r.stdout and "# graphprune report" in (out / "report.md").read_text()
 
 
-def test_prune_replays_a_plan(tmp_path):
+def test_recipe_run_repeats_exactly(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert gp("prune", "--model", "digits", "--out", str(a), "--no-export").returncode == 0
-    r = gp("prune", "--model", "digits", "--plan", str(a / "plan.json"), "--out", str(b),
-           "--no-export", "--json")
+    args = ["--sparsity", "0.4", "--method", "greedy", "--finetune-epochs", "1",
+            "--quantize", "none", "--exporter", "legacy"]
+    assert gp("prune", *args, "--out", str(a), cache=tmp_path / "c").returncode == 0
+    r = gp("prune", "--recipe", str(a / "recipe.json"), "--out", str(b), "--json",
+           cache=tmp_path / "c")
     assert r.returncode == 0, r.stderr
-    assert (a / "masks.safetensors").read_bytes() == (b / "masks.safetensors").read_bytes()
+    for f in ("plan.json", "masks.safetensors", "model.safetensors", "recipe.json"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
+    for k in ("params", "macs", "onnx_bytes", "accuracy_torch", "accuracy_ort"):
+        assert ra["after"][k] == rb["after"][k], k
+    assert json.loads(r.stdout)["after"]["params"] == ra["after"]["params"]
+
+
+def test_prune_a_repository_model_with_l1(tmp_path):
+    out = tmp_path / "out"
+    r = gp("prune", "--model", "resnet20", "--method", "l1", "--no-reconstruct", "--quantize",
+           "none", "--finetune-epochs", "0", "--exporter", "legacy", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["data"] == "photos" and rep["after"]["params"] < rep["before"]["params"]
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -59,10 +84,15 @@ def test_prune_replays_a_plan(tmp_path):
     (["--model", "digits", "--input-shape", "1,1,12,12"], "example inputs do not fit"),
     (["--model", "digits", "--sparsity", "1.5"], "must be a float in [0, 1)"),
     (["--model", "digits", "--method", "lasso2"], "Unknown pruning method"),
+    (["--model", "digits", "--data", "/nonexistent/folder"], "does not exist"),
+    (["--model", "resnet20", "--data", "EMPTY_DIR", "--input-shape", "1,3,32,32"], "holds no images"),
+    (["--model", "digits", "--recipe", "nope.yaml"], "cannot read recipe"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, args, needle):
     out = tmp_path / "out"
-    r = gp("prune", *args, "--out", str(out))
+    (tmp_path / "empty").mkdir()
+    args = [str(tmp_path / "empty") if a == "EMPTY_DIR" else a for a in args]
+    r = gp("prune", *args, "--out", str(out), cache=tmp_path / "c")
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
@@ -72,6 +102,6 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, args, needle):
 def test_unwritable_output_directory(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    r = gp("prune", "--model", "digits", "--out", str(f / "out"))
+    r = gp("prune", "--model", "digits", "--out", str(f / "out"), cache=tmp_path / "c")
     assert r.returncode == 2 and "cannot write" in r.stderr
     assert f.read_text() == "x"
