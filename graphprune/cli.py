@@ -65,7 +65,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.png:
         from .viz import draw_png
 
-        draw_png(graph, args.png)
+        highlight = None
+        if args.plan:
+            from .plan import Plan
+
+            highlight = {n for n, gp in Plan.load(args.plan).groups.items() if len(gp.keep) < gp.size}
+        draw_png(graph, args.png, highlight=highlight)
     if args.json:
         print(json.dumps(_graph_json(graph), indent=1))
         return 0
@@ -382,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(pi)
     pi.add_argument("--dot", help="write the channel graph as Graphviz DOT")
     pi.add_argument("--png", help="draw the channel graph to a PNG")
+    pi.add_argument("--plan", help="colour the groups this plan.json prunes (red) in --png")
     pi.add_argument("--max-rows", type=int, default=80)
     pi.set_defaults(fn=cmd_inspect)
 
