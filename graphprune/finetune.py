@@ -24,16 +24,23 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 10,
           lr: float = 3e-3, batch_size: int = 64, weight_decay: float = 1e-4, seed: int = 0,
           after_step: Callable[[], None] | None = None,
-          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
-    """Train ``model`` in place with AdamW and a cosine schedule; returns it.
+          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+          optimizer: str = "adamw", schedule: str = "onecycle") -> nn.Module:
+    """Train ``model`` in place; returns it. ``optimizer`` 'adamw' or 'sgd' (momentum 0.9),
+    ``schedule`` 'onecycle' or 'constant' (ADMM wants the weights to keep moving).
 
     ``after_step`` runs after every optimizer step (e.g. a pruner re-applying its masks);
     ``loss_fn(logits, y)`` replaces cross-entropy (e.g. a distillation or ADMM loss)."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9,
+                                                     weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * max(1, (x.shape[0] + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps),
-                                                pct_start=0.15)
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps),
+                                                 pct_start=0.15) if schedule == "onecycle"
+             else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     loss_fn = loss_fn or nn.functional.cross_entropy
     model.train()
     for _ in range(epochs):

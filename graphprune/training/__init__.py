@@ -1,0 +1,13 @@
+"""Training-time compression that plugs into your own loop: mask pruners (level, AGP, lottery
+ticket, staged), ADMM (pruning, quantization, custom projections) and joint sparsity-quantization
+budgets (with knowledge distillation)."""
+
+from .admm import ADMM, ChannelSparsity, Intersection, Levels, Projection, Sparsity
+from .joint import JointBudget, compression_report, distillation_loss
+from .pruners import (
+    AGPPruner, LevelPruner, LotteryTicketPruner, MaskPruner, StagedPruner, masked_weights_are_zero,
+)
+
+__all__ = ["ADMM", "AGPPruner", "ChannelSparsity", "Intersection", "JointBudget", "LevelPruner",
+           "Levels", "LotteryTicketPruner", "MaskPruner", "Projection", "Sparsity", "StagedPruner",
+           "compression_report", "distillation_loss", "masked_weights_are_zero"]
