@@ -5,7 +5,6 @@ coded as Deep Compression does.
     python examples/admm_prune_quantize.py
 """
 
-import copy
 import os
 import tempfile
 

@@ -8,7 +8,6 @@ allocated by the projection during training, with knowledge distillation from th
 import copy
 
 import torch
-import torch.nn.functional as F
 from _common import evaluate, train, trained_digits
 
 import graphprune as gp

@@ -12,6 +12,7 @@ from .densenet import densenet_small
 from .digits import digits_net
 from .inception import inception_small
 from .lenet import lenet5
+from .llama import Llama, LlamaConfig, llama_small
 from .mobilenetv2 import mobilenet_v2_cifar
 from .resnet_cifar import resnet20, resnet56
 from .senet import se_resnet_small
@@ -31,7 +32,9 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "audio": (audio_net, (1, 1, 4000)),
     "digits": (digits_net, (1, 1, 8, 8)),
 }
+# token models take int64 inputs: name -> (constructor, example input)
+TOKEN_MODELS = {"llama_small": (llama_small, (1, 16))}
 
-__all__ = ["ZOO", "audio_net", "densenet_small", "digits_net", "inception_small", "lenet5",
+__all__ = ["TOKEN_MODELS", "ZOO", "Llama", "LlamaConfig", "llama_small", "audio_net", "densenet_small", "digits_net", "inception_small", "lenet5",
            "mobilenet_v2_cifar", "resnet20", "resnet56", "se_resnet_small", "shufflenet_small",
            "vgg11_bn"]

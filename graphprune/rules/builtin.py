@@ -1,3 +1,3 @@
 """Importing this module registers every built-in rule."""
 
-from . import functions, modules  # noqa: F401
+from . import functional, functions, matmul, modules, transformer  # noqa: F401

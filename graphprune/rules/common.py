@@ -120,12 +120,27 @@ def broadcast(b: Builder, node: fx.Node, operands: list[Any]) -> TInfo | None:
             else:  # different axis structure on the same dims: couple dim by dim
                 for d in dims:
                     b.link(b.along(TInfo(s, [a]), d - off), out, d, "")
-    # an operand that is full-size on a channel dim but has no axis there pins its size
+    # an operand that is full-size on a channel dim but has no axis there pins its size: a
+    # plain channel axis is frozen; in a multi-dim axis that dim just never shrinks (all its
+    # positions go together)
+    pinned: dict[int, set[int]] = {}
     for info, s, off in ops:
         for d, oa in list(covered.items()):
             j = d - off
             if j >= 0 and s[j] == shape[d] and shape[d] > 1 and info.axis_at(j) is None:
-                b.freeze(oa.elems(), f"combined with a tensor of fixed size at node '{node.name}'")
+                pinned.setdefault(id(oa), set()).add(d)
+    for oa in {id(a): a for a in covered.values()}.values():
+        dims = pinned.get(id(oa))
+        if not dims:
+            continue
+        if set(oa.dims) <= dims:
+            b.freeze(oa.elems(), f"combined with a tensor of fixed size at node '{node.name}'")
+            continue
+        g = oa.grid()
+        for d in dims:
+            p = oa.dims.index(d)
+            m = np.moveaxis(g, p, -1).reshape(-1, g.shape[p])
+            b.couple(np.repeat(m[:, :1], m.shape[1] - 1, axis=1), m[:, 1:])
     return out
 
 

@@ -199,9 +199,14 @@ def stack(b: Builder, node: fx.Node, m: Any = None) -> Any:
     d = norm_dim(arg(node, 1, "dim", 0), spec.ndim)
     dim_map = {i: (i if i < d else i + 1) for i in range(spec.ndim - 1)}
     infos = [b.info(t) or TInfo(b.spec(t).shape) for t in tensors]
-    out = keep_axes(b, node, infos[0], dim_map, spec.shape, "", dim_map)
+    first = infos[0]
+    out = keep_axes(b, node, first, dim_map, spec.shape, "", dim_map)
     for info in infos[1:]:
-        for a in out.axes:
+        for a0, a in zip(first.axes, out.axes):
+            match = [x for x in info.axes if x.dims == a0.dims and x.sizes == a0.sizes]
+            if match:  # the same structure: element by element
+                b.couple(a0.elems(), match[0].elems())
+                continue
             for dd in a.dims:
                 src = next(k for k, v in dim_map.items() if v == dd)
                 b.link(b.along(out, dd), info, src, f"stack of tensors with different channels "
@@ -280,15 +285,14 @@ def _index(b: Builder, node: fx.Node, x: TInfo, idx: Any, spec: TensorSpec) -> T
     items += [slice(None)] * (x.ndim - sum(1 for i in items if i is not None))
     dim_map: dict[int, int] = {}
     sliced: dict[int, slice] = {}
+    picked: dict[int, int] = {}
     src, dst = 0, 0
     for it in items:
         if it is None:
             dst += 1
             continue
         if isinstance(it, int):
-            a = x.axis_at(src)
-            if a is not None:
-                b.freeze(a.elems(), f"indexing a channel with a fixed position at '{node.name}'")
+            picked[src] = it
         else:
             dim_map[src] = dst
             if it != slice(None):
@@ -297,8 +301,9 @@ def _index(b: Builder, node: fx.Node, x: TInfo, idx: Any, spec: TensorSpec) -> T
         src += 1
     out = TInfo(spec.shape)
     for a in x.axes:
-        if not set(a.dims) <= set(dim_map):
-            continue  # frozen above
+        if set(a.dims) & set(picked):
+            _pick(b, node, a, picked, sliced, dim_map, out)
+            continue
         cut = [d for d in a.dims if d in sliced]
         if not cut:
             out.axes.extend(keep_axes(b, node, TInfo(x.shape, [a]), dim_map, spec.shape, "",
@@ -325,6 +330,31 @@ def _index(b: Builder, node: fx.Node, x: TInfo, idx: Any, spec: TensorSpec) -> T
         b.couple(na.elems(), kept)
         out.axes.append(na)
     return out
+
+
+def _pick(b: Builder, node: fx.Node, a: Any, picked: dict[int, int], sliced: dict[int, slice],
+          dim_map: dict[int, int], out: TInfo) -> None:
+    """``x[..., i]`` on one dim of a multi-dim channel axis (a (pairs, 2) split of a head, say):
+    every position along that dim goes together, so the pick stays the same entry after pruning.
+    A plain channel dim indexed by a fixed position is frozen."""
+    rest = [d for d in a.dims if d not in picked]
+    if not rest or any(d in sliced for d in rest):
+        b.freeze(a.elems(), f"indexing a channel with a fixed position at '{node.name}'")
+        return
+    g = a.grid()
+    for d in a.dims:
+        if d in picked:
+            p = a.dims.index(d)
+            m = np.moveaxis(g, p, -1).reshape(-1, g.shape[p])
+            b.couple(np.repeat(m[:, :1], m.shape[1] - 1, axis=1), m[:, 1:])
+    sel = tuple(picked[d] if d in picked else slice(None) for d in a.dims)
+    sub = g[sel]
+    dims = tuple(dim_map[d] for d in rest)
+    order = np.argsort(dims)
+    na = b.new_axis(node.name, tuple(np.asarray(dims)[order]),
+                    tuple(np.asarray(sub.shape)[order]))
+    b.couple(na.elems(), np.transpose(sub, order).ravel())
+    out.axes.append(na)
 
 
 def _slice_ok(s: slice) -> bool:

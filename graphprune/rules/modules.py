@@ -85,9 +85,18 @@ def conv_transpose(b: Builder, node: fx.Node, m: nn.Module) -> TInfo:
 
 
 @resizer(*_CONV, *_CONVT)
-def resize_conv(m: nn.Module, in_shape: tuple[int, ...]) -> None:
-    cin = in_shape[len(in_shape) - (m.weight.ndim - 1)]
-    if m.groups > 1 and m.in_channels // m.groups == 1:
+def resize_conv(m: nn.Module, in_shape: tuple[int, ...] | None) -> None:
+    transposed = isinstance(m, _CONVT)
+    depthwise = m.groups > 1 and m.in_channels // m.groups == 1
+    if in_shape is not None:
+        cin = in_shape[len(in_shape) - (m.weight.ndim - 1)]
+    elif transposed:
+        cin = m.weight.shape[0]
+    elif depthwise:  # weight (C_out, 1, k): whole groups went, opg outputs each
+        cin = m.weight.shape[0] // (m.out_channels // m.groups)
+    else:
+        cin = m.weight.shape[1] * m.groups
+    if depthwise:
         m.groups = cin
     m.in_channels = cin
     m.out_channels = m.weight.shape[1] * m.groups if isinstance(m, _CONVT) else m.weight.shape[0]
@@ -113,7 +122,7 @@ def linear(b: Builder, node: fx.Node, m: nn.Linear) -> TInfo:
 
 
 @resizer(nn.Linear)
-def resize_linear(m: nn.Linear, in_shape: tuple[int, ...]) -> None:
+def resize_linear(m: nn.Linear, in_shape: tuple[int, ...] | None) -> None:
     m.out_features, m.in_features = m.weight.shape
 
 
@@ -162,7 +171,13 @@ def instancenorm(b: Builder, node: fx.Node, m: nn.Module) -> TInfo | None:
 
 @resizer(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
          nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-def resize_bn(m: nn.Module, in_shape: tuple[int, ...]) -> None:
+def resize_bn(m: nn.Module, in_shape: tuple[int, ...] | None) -> None:
+    for t in (getattr(m, "weight", None), getattr(m, "running_mean", None)):
+        if t is not None:
+            m.num_features = t.shape[0]
+            return
+    if in_shape is None:
+        return
     nd = 1 if len(in_shape) > 1 else 0
     if isinstance(m, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
         nd = 1 if len(in_shape) == {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4}.get(type(m), 5) else 0
@@ -181,9 +196,9 @@ def groupnorm(b: Builder, node: fx.Node, m: nn.GroupNorm) -> TInfo | None:
 
 
 @resizer(nn.GroupNorm)
-def resize_groupnorm(m: nn.GroupNorm, in_shape: tuple[int, ...]) -> None:
+def resize_groupnorm(m: nn.GroupNorm, in_shape: tuple[int, ...] | None) -> None:
     per_group = m.num_channels // m.num_groups
-    m.num_channels = in_shape[1]
+    m.num_channels = m.weight.shape[0] if m.weight is not None else in_shape[1]
     m.num_groups = m.num_channels // per_group
 
 
