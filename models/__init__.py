@@ -35,6 +35,6 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 # token models take int64 inputs: name -> (constructor, example input)
 TOKEN_MODELS = {"llama_small": (llama_small, (1, 16))}
 
-__all__ = ["TOKEN_MODELS", "ZOO", "Llama", "LlamaConfig", "llama_small", "audio_net", "densenet_small", "digits_net", "inception_small", "lenet5",
-           "mobilenet_v2_cifar", "resnet20", "resnet56", "se_resnet_small", "shufflenet_small",
-           "vgg11_bn"]
+__all__ = ["TOKEN_MODELS", "ZOO", "Llama", "LlamaConfig", "audio_net", "densenet_small",
+           "digits_net", "inception_small", "lenet5", "llama_small", "mobilenet_v2_cifar",
+           "resnet20", "resnet56", "se_resnet_small", "shufflenet_small", "vgg11_bn"]
