@@ -23,12 +23,17 @@ from torch import nn
 from .errors import GraphPruneError
 from .rules import builtin  # noqa: F401  (registers the built-in rules)
 from .rules.builder import Builder, TInfo
-from .rules.common import NO_RULE, empty_like_spec, freeze_inputs, has_tensor, out_spec
+from .rules.common import (
+    NO_RULE, empty_like_spec, freeze_inputs, freeze_size_deps, has_tensor, out_spec,
+)
 from .rules.modules import opaque
 from .rules.registry import describe_target, module_rule_for, rule_for
 from .trace import TensorSpec, Traced, trace_model
 
 STRICT = os.environ.get("GRAPHPRUNE_STRICT", "") not in ("", "0")
+# ops whose size arguments the movement rules check themselves
+SIZE_AWARE = {"view", "reshape", "expand", "unflatten", "repeat", "chunk", "split"}
+SIZE_AWARE_FNS = {torch.reshape, torch.unflatten, torch.chunk, torch.split}
 
 
 @dataclass
@@ -342,6 +347,13 @@ def _run_node(b: Builder, node: fx.Node, t: Traced) -> None:
                               for a in (*node.args, *node.kwargs.values()))
         return
     rule, module = rule_for(node, b.modules)
+    if has_tensor(spec) and not (node.op == "call_method" and node.target in SIZE_AWARE) and \
+            not (node.op == "call_function" and node.target in SIZE_AWARE_FNS):
+        # a channel count flowing into an op that does not follow it (zeros(B, C), a reshape of
+        # an opaque tensor...) would stay stale after pruning: freeze that channel
+        freeze_size_deps(b, node, [a for a in node.all_input_nodes
+                                   if not isinstance(b.values.get(a), TensorSpec)],
+                         f"its size feeds {describe_target(node, b.modules)} at node '{node.name}'")
     if node.op == "call_module" and node.target in t.leaves:
         if module_rule_for(module) is None:
             freeze_inputs(b, node, f"module '{node.target}' could not be traced "

@@ -217,6 +217,45 @@ def size_source(b: Builder, v: Any) -> tuple[TInfo | None, int] | None:
     return None
 
 
+_ARITH = {"add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pos", "getitem", "int",
+          "float", "pow", "abs", "max", "min", "ceil", "floor", "sym_int", "sym_max", "sym_min"}
+
+
+def size_deps(b: Builder, v: Any, depth: int = 12) -> list[tuple[TInfo | None, int]]:
+    """Every tensor dim whose size a Python value ``v`` is computed from (through ``size()``,
+    ``.shape`` and integer arithmetic)."""
+    if depth <= 0 or not isinstance(v, fx.Node):
+        if isinstance(v, (list, tuple)):
+            return [d for x in v for d in size_deps(b, x, depth - 1)]
+        return []
+    src = size_source(b, v)
+    if src is not None:
+        return [src]
+    spec = b.values.get(v)
+    if isinstance(spec, TensorSpec):
+        return []  # a tensor, not a size
+    if v.op == "call_method" and v.target == "size" and len(v.args) == 1:
+        t = b.values.get(v.args[0])
+        return [(b.info(v.args[0]), d) for d in range(t.ndim)] if isinstance(t, TensorSpec) else []
+    if v.op == "call_function" and getattr(v.target, "__name__", "") == "getattr" \
+            and v.args[1] == "shape":
+        t = b.values.get(v.args[0])
+        if isinstance(t, TensorSpec):  # a whole shape: all dims
+            return [(b.info(v.args[0]), d) for d in range(t.ndim)]
+        return []
+    if v.op in ("call_function", "call_method") and getattr(v.target, "__name__", str(v.target)) in _ARITH:
+        return [d for a in v.all_input_nodes for d in size_deps(b, a, depth - 1)]
+    return []
+
+
+def freeze_size_deps(b: Builder, node: fx.Node, values: Any, reason: str) -> None:
+    """Freeze the channels whose counts ``values`` are computed from."""
+    for info, d in size_deps(b, values):
+        e = b.along(info, d) if info is not None else None
+        if e is not None:
+            b.freeze(e, reason)
+
+
 def _varying_dims(res: np.ndarray) -> list[int]:
     return [d for d in range(res.ndim) if res.shape[d] > 1 and np.any(np.diff(res, axis=d) != 0)]
 
@@ -268,11 +307,7 @@ def _pin_size_sources(b: Builder, node: fx.Node, out: TInfo, sizes: list[Any] | 
     for d, s in enumerate(sizes or []):
         if d >= len(out.shape) or out.axis_at(d) is not None:
             continue
-        src = size_source(b, s)
-        if src is not None and src[0] is not None:
-            e = b.along(src[0], src[1])
-            if e is not None:
-                b.freeze(e, f"its size shapes a non-channel dim at node '{node.name}'")
+        freeze_size_deps(b, node, s, f"its size shapes a non-channel dim at node '{node.name}'")
 
 
 def _constrain_sizes(b: Builder, node: fx.Node, out: TInfo, na: Any, sizes: list[Any]) -> None:

@@ -189,11 +189,11 @@ def test_channel_shuffle_view_transpose():
         np.testing.assert_array_equal(np.sort(w.index[w.unit == k]), [k, k + 4])
 
 
-def test_multihead_attention_without_rule_is_frozen_but_mlp_prunes():
+def test_multihead_attention_heads_and_embedding_are_groups():
     g = gp.trace(nets.MHA(), torch.randn(2, 5, 8))
-    assert not g.group("proj").prunable
-    assert g.group("fc1").prunable
-    assert any("MultiheadAttention" in k for k in g.builder.unsupported)
+    assert g.group("proj").prunable and g.group("attn").size == 2  # 2 heads
+    assert g.group("attn.out_proj").prunable and "fc1.weight[in]" in members(g.group("attn.out_proj"))
+    assert g.group("fc1").prunable and not g.builder.unsupported
 
 
 def test_inputs_and_outputs_are_never_pruned():
