@@ -57,7 +57,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .graph import trace
 
     model, x = _model_and_input(args)
-    graph = trace(model, x)
+    graph = trace(model, x, tracer=args.tracer)
     if args.dot:
         from .io import atomic_write_text
 
@@ -165,6 +165,8 @@ def _recipe_from_args(args: argparse.Namespace):
         p.config = _read_config(args.config)
     if "plan" in given:
         p.plan = args.plan
+    if "tracer" in given:
+        p.tracer = args.tracer
     if "finetune_epochs" in given:
         r.finetune.epochs = args.finetune_epochs
     if "quantize" in given:
@@ -183,7 +185,7 @@ def _recipe_from_args(args: argparse.Namespace):
 
 _PRUNE_FLAGS = {"model", "weights", "input_shape", "data", "method", "sparsity", "target_macs",
                 "round_to", "ignore", "config", "plan", "finetune_epochs", "quantize", "exporter",
-                "seed"}
+                "seed", "tracer"}
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -389,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--png", help="draw the channel graph to a PNG")
     pi.add_argument("--plan", help="colour the groups this plan.json prunes (red) in --png")
     pi.add_argument("--max-rows", type=int, default=80)
+    pi.add_argument("--tracer", choices=("auto", "fx", "export"), default="auto",
+                    help="graph capture: torch.fx, torch.export, or fx falling back to export")
     pi.set_defaults(fn=cmd_inspect)
 
     pp = sub.add_parser("prune", help="prune, fine-tune, quantize, export: the main job")
@@ -408,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--ignore", action="append", help="module path left alone (repeatable)")
     pp.add_argument("--config", help="YAML/JSON config list (sparsity, op_types, op_names, exclude)")
     pp.add_argument("--plan", help="apply this plan.json instead of choosing channels")
+    pp.add_argument("--tracer", choices=("auto", "fx", "export"),
+                    help="graph capture: torch.fx, torch.export, or fx falling back to export (auto)")
     pp.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning (5)")
     pp.add_argument("--quantize", choices=("none", "int8"), help="ONNX precision (int8)")
     pp.add_argument("--code", action="store_true", help="also write model.gpc: 4-bit k-means + "

@@ -17,6 +17,16 @@ from torch import nn
 
 from .trace import TensorSpec
 
+_aten = torch.ops.aten
+_MATMUL = (torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm",
+           _aten.matmul.default, _aten.bmm.default, _aten.mm.default)
+_LINEAR = (torch.nn.functional.linear, _aten.linear.default)
+_CONV = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+         torch.conv2d, torch.conv1d, torch.conv3d, _aten.conv1d.default, _aten.conv2d.default,
+         _aten.conv3d.default)
+_SDPA = (torch.nn.functional.scaled_dot_product_attention,
+         _aten.scaled_dot_product_attention.default)
+
 
 def count_params(model: nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once)."""
@@ -85,25 +95,41 @@ def node_macs(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, An
         return 0
     if node.op in ("call_function", "call_method"):
         t = node.target
-        if t in (torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"):
+        if t in _MATMUL:
             a = shp(node.args[0])
             if isinstance(a, tuple) and a:
                 return _numel(out) * a[-1]
-        if t is torch.nn.functional.linear:
+        if t is _aten.addmm.default and len(node.args) > 1:
+            a = shp(node.args[1])
+            if isinstance(a, tuple) and a:
+                return _numel(out) * a[-1]
+        if t in _LINEAR:
             w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
             ws = shp(w)
             if isinstance(ws, tuple) and len(ws) == 2:
                 return _numel(out) * ws[1]
-        if t in (torch.nn.functional.conv1d, torch.nn.functional.conv2d,
-                 torch.nn.functional.conv3d, torch.conv2d, torch.conv1d, torch.conv3d):
+        if t in _CONV:
             ws = shp(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
             if isinstance(ws, tuple):
                 return _numel(out) * math.prod(ws[1:])
-        if t is torch.nn.functional.scaled_dot_product_attention:
+        if t in _SDPA:
             q, k = shp(node.args[0]), shp(node.args[1])
             if isinstance(q, tuple) and isinstance(k, tuple):
                 return _numel(q) * k[-2] * 2
     return 0
+
+
+def layer_of(node: fx.Node, params: dict[str, str]) -> str | None:
+    """The module a node computes: its target for ``call_module``; for a functional layer whose
+    weight is an export placeholder (``params``: placeholder -> parameter name), that owner;
+    otherwise None."""
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_function" and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
+        name = params.get(node.args[1].name)
+        if name is not None and name.endswith(".weight"):
+            return name.rpartition(".")[0]
+    return None
 
 
 def spec_shapes(values: dict[fx.Node, Any]) -> dict[str, Any]:

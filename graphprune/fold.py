@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cost import layer_of
 from .graph import trace
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -19,22 +20,27 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any, *, inplace: bool = Fal
     """A copy of ``model`` (eval semantics) with every BatchNorm that alone reads a conv/Linear
     output folded into it. Returns the folded model; the original is untouched."""
     g = trace(model, example_inputs)
+    t = g.traced[0]
     target = model if inplace else copy.deepcopy(model)
     mods = dict(target.named_modules())
+    layer_nodes = [(n, layer_of(n, t.params)) for n in t.graph.nodes
+                   if n.op in ("call_module", "call_function")]
+    layer_nodes = [(n, p) for n, p in layer_nodes if p in mods]
     calls: dict[str, int] = {}
-    for n in g.traced[0].graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
-    for n in g.traced[0].graph.nodes:
-        if n.op != "call_module" or calls.get(n.target) != 1 or len(n.users) != 1:
+    for _, path in layer_nodes:
+        calls[path] = calls.get(path, 0) + 1
+    path_of = dict(layer_nodes)
+    for n, path in layer_nodes:
+        if calls[path] != 1 or len(n.users) != 1:
             continue
         (user,) = n.users
-        layer, bn = mods.get(n.target), mods.get(str(user.target))
-        if (user.op != "call_module" or calls.get(user.target) != 1 or not isinstance(layer, _FOLDABLE)
+        bn_path = path_of.get(user)
+        layer, bn = mods.get(path), mods.get(bn_path) if bn_path else None
+        if (calls.get(bn_path) != 1 or not isinstance(layer, _FOLDABLE) or user.args[0] is not n
                 or not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None):
             continue
         _fold(layer, bn)
-        owner, _, attr = str(user.target).rpartition(".")
+        owner, _, attr = bn_path.rpartition(".")
         setattr(mods[owner] if owner else target, attr, nn.Identity())
     return target
 

@@ -20,7 +20,7 @@ import torch.fx as fx
 from scipy.sparse.csgraph import connected_components
 from torch import nn
 
-from .errors import GraphPruneError
+from .errors import GraphPruneError, TraceError
 from .rules import builtin  # noqa: F401  (registers the built-in rules)
 from .rules.builder import Builder, TInfo
 from .rules.common import (
@@ -28,7 +28,7 @@ from .rules.common import (
 )
 from .rules.modules import opaque
 from .rules.registry import describe_target, module_rule_for, rule_for
-from .trace import TensorSpec, Traced, trace_model
+from .trace import TensorSpec, Traced, export_trace, trace_model
 
 STRICT = os.environ.get("GRAPHPRUNE_STRICT", "") not in ("", "0")
 # ops whose size arguments the movement rules check themselves
@@ -263,7 +263,17 @@ class ChannelGraph:
 
     @property
     def tracer(self) -> str:
+        """'torch.fx' or 'torch.export'."""
         return self.traced[0].tracer
+
+    @property
+    def tracer_reason(self) -> str:
+        """Why torch.export was used instead of torch.fx ('' for fx)."""
+        return self.traced[0].why
+
+    @property
+    def prunable_channels(self) -> int:
+        return sum(g.size for g in self.prunable_groups)
 
     def unit_keep_elements(self, comp_keep: np.ndarray) -> np.ndarray:
         """Per element: kept (True) or removed, given a keep flag per component."""
@@ -294,11 +304,13 @@ class ChannelGraph:
 
 
 # ---------------------------------------------------------------------- driver
-def _get_attr(b: Builder, node: fx.Node) -> Any:
+def _get_attr(b: Builder, node: fx.Node, name: str | None = None) -> Any:
+    """Axes of a parameter or buffer read in the graph (``get_attr``, or an export placeholder)."""
     spec = out_spec(b, node)
     if not isinstance(spec, TensorSpec):
         return empty_like_spec(spec)
-    name = node.target
+    name = name or node.target
+    b.param_nodes[node] = name
     out = TInfo(spec.shape)
     if name not in b.aliases:
         return out
@@ -330,7 +342,8 @@ def _check(info: Any, spec: Any) -> bool:
 def _run_node(b: Builder, node: fx.Node, t: Traced) -> None:
     spec = b.values.get(node)
     if node.op == "placeholder":
-        b.infos[node] = empty_like_spec(spec)
+        fqn = t.params.get(node.name)
+        b.infos[node] = _get_attr(b, node, fqn) if fqn else empty_like_spec(spec)
         return
     if node.op == "get_attr":
         b.infos[node] = _get_attr(b, node)
@@ -421,7 +434,25 @@ def _unreached(model: nn.Module, traced: Traced) -> list[str]:
     return out
 
 
-def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
+TRACERS = ("auto", "fx", "export")
+
+
+def _frozen_leaves(model: nn.Module, t: Traced) -> list[str]:
+    """Opaque fx leaves with parameters and no module rule: their channels would be frozen."""
+    mods = dict(model.named_modules())
+    return [p for p in t.leaves if p in mods and module_rule_for(mods[p]) is None
+            and any(True for _ in mods[p].parameters())]
+
+
+def _export_graph(model: nn.Module, example_inputs: Any, why: str) -> ChannelGraph:
+    from .probe import probe_export_graph
+
+    g = build_graph(model, [export_trace(model, example_inputs, why=why)])
+    probe_export_graph(g)
+    return g
+
+
+def trace(model: nn.Module, example_inputs: Any, *, tracer: str = "auto") -> ChannelGraph:
     """Trace ``model`` into its channel-dependency graph.
 
     ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs
@@ -429,11 +460,31 @@ def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
     in training mode (an auxiliary classifier), the training graph is traced too and both are
     honoured. The model itself is not modified.
 
+    ``tracer``: ``"fx"`` (torch.fx symbolic tracing; module-level graph), ``"export"``
+    (``torch.export``; ATen-level graph, follows shape-dependent Python control flow on the example
+    inputs) or ``"auto"`` (fx, falling back to torch.export when fx cannot trace the model's own
+    forward, or when modules fx could not trace would freeze channels that torch.export can see
+    through). ``graph.tracer`` and ``graph.tracer_reason`` say which was used and why.
+
     Example:
         >>> g = graphprune.trace(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
         >>> len(g.prunable_groups)
     """
-    traced = [trace_model(model, example_inputs, mode="eval")]
+    if tracer not in TRACERS:
+        from .errors import ConfigError
+
+        raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}. Got {tracer!r}.")
+    if tracer == "export":
+        return _export_graph(model, example_inputs, "requested")
+    try:
+        traced = [trace_model(model, example_inputs, mode="eval")]
+    except TraceError as e:
+        if tracer == "fx" or not isinstance(model, nn.Module):
+            raise
+        try:
+            return _export_graph(model, example_inputs, f"torch.fx failed: {e}")
+        except TraceError as e2:
+            raise TraceError(f"{e}\n{e2}") from e
     if _unreached(model, traced[0]):
         try:
             t2 = trace_model(model, example_inputs, mode="train")
@@ -441,4 +492,15 @@ def trace(model: nn.Module, example_inputs: Any) -> ChannelGraph:
             t2 = None
         if t2 is not None and len(_unreached(model, t2)) < len(_unreached(model, traced[0])):
             traced.append(t2)
-    return build_graph(model, traced)
+    g = build_graph(model, traced)
+    frozen = _frozen_leaves(model, traced[0]) if tracer == "auto" else []
+    if frozen:
+        try:
+            why = (f"torch.fx could not trace {len(frozen)} module(s) with parameters "
+                   f"({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''})")
+            g2 = _export_graph(model, example_inputs, why)
+        except GraphPruneError:
+            return g
+        if g2.prunable_channels > g.prunable_channels:
+            return g2
+    return g

@@ -165,7 +165,7 @@ def run(recipe: Recipe, out_dir: str, *, log: Log | None = None,
                         reconstruct=p.reconstruct, sequential=p.sequential,
                         global_pruning=p.global_pruning, max_group_sparsity=p.max_group_sparsity,
                         target_macs=p.target_macs, target_params=p.target_params,
-                        progress=progress)
+                        tracer=p.tracer, progress=progress)
     times["prune"] = time.perf_counter() - t
     pruned = r.model
     acc_pruned = _accuracy(pruned, data.eval_x, data.eval_y)

@@ -98,7 +98,7 @@ def prune(model: nn.Module, example_inputs: Any, *, sparsity: float | None = Non
           calibration: Any = None, reconstruct: bool = False, sequential: bool = True,
           global_pruning: bool = False, max_group_sparsity: float = 0.9,
           target_macs: float | None = None, target_params: float | None = None,
-          inplace: bool = False, verify: bool | str = True,
+          inplace: bool = False, verify: bool | str = True, tracer: str = "auto",
           progress: Callable[[str, int, int], None] | None = None) -> PruneResult:
     """Prune the channels of every prunable group and shrink the model physically.
 
@@ -127,6 +127,7 @@ def prune(model: nn.Module, example_inputs: Any, *, sparsity: float | None = Non
             giving a sparsity (the sparsity is searched for).
         inplace: modify ``model`` itself instead of returning a pruned copy.
         verify: run the pruned model once and check every layer's shapes ('full': every value).
+        tracer: 'auto' (torch.fx, falling back to torch.export), 'fx' or 'export'; see ``trace``.
         progress: ``fn(group, i, n)`` called before each group of a data-driven run.
 
     Example:
@@ -154,7 +155,7 @@ def prune(model: nn.Module, example_inputs: Any, *, sparsity: float | None = Non
     calib: Calibration | None = None
     if calibration is not None:
         calib = as_calibration(calibration, example_inputs)
-    graph = trace(model, example_inputs)
+    graph = trace(model, example_inputs, tracer=tracer)
     t1 = time.perf_counter()
     ctx = ScoreContext(params=graph.params, rng=np.random.default_rng(seed), calibration=calib,
                        graph=graph)

@@ -44,6 +44,7 @@ class PruneStage:
     config: list[dict[str, Any]] = field(default_factory=list)  # per-layer overrides (NNI style)
     ignore: list[str] = field(default_factory=list)
     plan: str | None = None
+    tracer: str = "auto"  # auto | fx | export
 
 
 @dataclass
@@ -154,6 +155,7 @@ class Recipe:
             if getattr(p, name) is not None:
                 check_fraction(getattr(p, name), name, "the prune stage", allow_one=True)
         check_int(p.round_to, "round_to", "the prune stage", low=1)
+        check_choice(p.tracer, "tracer", "the prune stage", ("auto", "fx", "export"))
         check_int(self.finetune.epochs, "epochs", "the finetune stage")
         check_int(self.model.train_epochs, "train_epochs", "the model stage")
         check_int(self.data.calibration_samples, "calibration_samples", "the data stage", low=1)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .cost import count_bytes, count_params, node_macs, spec_shapes
+from .cost import count_bytes, count_params, layer_of, node_macs, spec_shapes
 from .graph import ChannelGraph, Group
 
 
@@ -47,6 +47,7 @@ class Report:
     groups: list[GroupReport]
     layers: list[LayerReport]
     tracer: str = "torch.fx"
+    tracer_reason: str = ""  # why torch.export was used instead of torch.fx
     leaves: dict[str, str] = field(default_factory=dict)
     unsupported: dict[str, list[str]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -84,6 +85,8 @@ class Report:
                 f"{k} x{len(v)}" for k, v in self.unsupported.items()))
         if self.leaves:
             out.append("opaque modules (could not be traced): " + ", ".join(self.leaves))
+        if self.tracer_reason:
+            out.append(f"traced with {self.tracer}: {self.tracer_reason[:300]}")
         return "\n\n".join(out)
 
     def __str__(self) -> str:
@@ -120,8 +123,7 @@ def layer_costs(graph: ChannelGraph, model: nn.Module, shapes: dict[tuple[int, s
     for node in t.graph.nodes:
         m = node_macs(node, mods, sh, {})
         if m:
-            key = node.target if node.op == "call_module" else node.name
-            macs[key] += m
+            macs[layer_of(node, t.params) or node.name] += m
     out = {}
     for name, m in mods.items():
         p = sum(x.numel() for x in m.parameters(recurse=False))
@@ -135,13 +137,20 @@ def layer_costs(graph: ChannelGraph, model: nn.Module, shapes: dict[tuple[int, s
 
 def _group_cost(g: Group, params: dict[str, Any], costs: dict[str, tuple[str, int, int]],
                 new_shapes: dict[str, tuple[int, ...]] | None, kept: np.ndarray | None) -> tuple[int, int]:
-    """(params in the slices this group owns, MACs of the layers it touches)."""
-    p = 0
+    """(parameters in the slices this group touches, MACs of the layers it touches).
+
+    A parameter sliced along several dims by the same group (a residual stream's in- and out-
+    channels of one layer) counts each element once."""
+    untouched: dict[str, float] = {}
+    numel: dict[str, int] = {}
     for m in g.members:
         shape = params[m.param].shape if new_shapes is None else new_shapes[m.param]
-        per = int(np.prod(shape)) // max(shape[m.dim], 1) if len(shape) else 1
+        n = int(np.prod(shape)) if len(shape) else 1
+        size = max(shape[m.dim], 1) if len(shape) else 1
         n_idx = m.n_index if kept is None else m.distinct_kept(kept)
-        p += per * n_idx
+        numel[m.param] = n
+        untouched[m.param] = untouched.get(m.param, 1.0) * max(0.0, 1 - n_idx / size)
+    p = int(round(sum(numel[k] * (1 - u) for k, u in untouched.items())))
     macs = sum(costs.get(mod, ("", 0, 0))[2] for mod in {m.module for m in g.members
                                                          if m.role in ("out", "in")})
     return p, macs
@@ -174,7 +183,8 @@ def build_report(graph: ChannelGraph, new_model: nn.Module, plan: Any,
         params=(count_params(graph.model), count_params(new_model)),
         macs=(sum(v[2] for v in before.values()), sum(v[2] for v in after.values())),
         bytes=(count_bytes(graph.model), count_bytes(new_model)),
-        groups=groups, layers=layers, tracer=graph.tracer, leaves=graph.leaves,
+        groups=groups, layers=layers, tracer=graph.tracer,
+        tracer_reason=graph.tracer_reason, leaves=graph.leaves,
         unsupported=dict(graph.builder.unsupported), timings=timings, settings=settings)
 
 
@@ -199,4 +209,6 @@ def graph_table(graph: ChannelGraph, max_rows: int = 60) -> str:
             f"{k} x{len(v)}" for k, v in graph.builder.unsupported.items()))
     if graph.leaves:
         extra.append("opaque modules: " + ", ".join(f"{k} ({v})" for k, v in graph.leaves.items()))
+    if graph.tracer_reason:
+        extra.append(f"why {graph.tracer}: {graph.tracer_reason[:300]}")
     return "\n".join([head, _fmt(rows), *extra])

@@ -23,6 +23,7 @@ from torch import nn
 from .apply.reconstruct import refit
 from .calibration import Calibration
 from .collect import Samples, sample_layers, supported
+from .cost import layer_of
 from .criteria import Criterion, ScoreContext, get_criterion, score_group
 from .criteria.datadriven import GroupStats, consumer_stats
 from .graph import ChannelGraph, Group
@@ -56,19 +57,29 @@ def _consumers(group: Group, mods: dict[str, nn.Module]) -> dict[str, tuple[np.n
     return {k: (np.concatenate(u), np.concatenate(p)) for k, (u, p) in out.items()}
 
 
+def _layer_calls(graph: ChannelGraph) -> list[tuple[int, str]]:
+    """(graph position, module path) of every layer call, for fx and torch.export graphs."""
+    t = graph.traced[0]
+    out = []
+    for i, n in enumerate(t.graph.nodes):
+        if n.op == "call_module" or n.op == "call_function":
+            path = layer_of(n, t.params)
+            if path is not None:
+                out.append((i, path))
+    return out
+
+
 def _node_order(graph: ChannelGraph) -> dict[str, int]:
     order: dict[str, int] = {}
-    for i, n in enumerate(graph.traced[0].graph.nodes):
-        if n.op == "call_module":
-            order.setdefault(n.target, i)
+    for i, path in _layer_calls(graph):
+        order.setdefault(path, i)
     return order
 
 
 def _call_counts(graph: ChannelGraph) -> dict[str, int]:
     c: dict[str, int] = {}
-    for n in graph.traced[0].graph.nodes:
-        if n.op == "call_module":
-            c[n.target] = c.get(n.target, 0) + 1
+    for _, path in _layer_calls(graph):
+        c[path] = c.get(path, 0) + 1
     return c
 
 

@@ -55,6 +55,8 @@ class Traced:
     inputs: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
 
     leaf_types: tuple[type, ...] = ()
+    params: dict[str, str] = field(default_factory=dict)  # placeholder name -> parameter FQN
+    why: str = ""  # why this tracer was used
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -250,3 +252,25 @@ def trace_model(model: nn.Module, example_inputs: Any, *, mode: str = "eval") ->
         values = record_values(root, graph, args, kwargs, meta=meta)
     return Traced(model=model, root=root, graph=graph, values=values, leaves=leaves, mode=mode,
                   inputs=(args, kwargs), leaf_types=leaf_types)
+
+
+def export_trace(model: nn.Module, example_inputs: Any, *, mode: str = "eval", why: str = "",
+                 inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None) -> Traced:
+    """Trace ``model`` with ``torch.export`` (ATen-level graph; parameters are placeholders mapped
+    back to their names, so pruning still slices the model's own modules). Every value's shape
+    comes from the exporter's fake tensors: nothing runs on real data."""
+    args, kwargs = normalize_inputs(example_inputs) if inputs is None else inputs
+    try:
+        with preserved_state(model, mode):
+            ep = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as e:
+        raise TraceError(f"torch.export could not trace {type(model).__name__} either: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    from torch.export.graph_signature import InputKind
+
+    params = {s.arg.name: s.target for s in ep.graph_signature.input_specs
+              if s.kind in (InputKind.PARAMETER, InputKind.BUFFER) and s.target is not None}
+    gm = ep.graph_module
+    values = {n: describe(n.meta["val"]) for n in gm.graph.nodes if "val" in n.meta}
+    return Traced(model=model, root=gm, graph=gm.graph, values=values, mode=mode,
+                  tracer="torch.export", inputs=(args, kwargs), params=params, why=why)

@@ -19,7 +19,14 @@ from ..plan import Plan, comp_keep_for
 from ..rules.builder import TInfo
 from ..rules.registry import resizer_for
 from .._modcopy import copy_tree, meta_args, share, to_meta
-from ..trace import TensorSpec, on_meta, preserved_state, record_values, symbolic_trace
+from ..trace import (
+    TensorSpec,
+    export_trace,
+    on_meta,
+    preserved_state,
+    record_values,
+    symbolic_trace,
+)
 
 
 @dataclass
@@ -212,9 +219,13 @@ def verify_shapes(graph: ChannelGraph, new: nn.Module, shapes: dict) -> None:
     for k, t in enumerate(graph.traced):
         args, kwargs = t.inputs
         try:
-            with preserved_state(new, t.mode):
-                root2, graph2, _, _ = symbolic_trace(new, leaf_types=t.leaf_types)
-                values = record_values(root2, graph2, args, kwargs, meta=on_meta(new))
+            if t.tracer == "torch.export":
+                t2 = export_trace(new, None, mode=t.mode, inputs=(args, kwargs))
+                graph2, values = t2.graph, t2.values
+            else:
+                with preserved_state(new, t.mode):
+                    root2, graph2, _, _ = symbolic_trace(new, leaf_types=t.leaf_types)
+                    values = record_values(root2, graph2, args, kwargs, meta=on_meta(new))
         except Exception as e:
             raise ParityError(
                 f"internal: the pruned model no longer runs ({e}). This is a graphprune bug; "

@@ -105,6 +105,8 @@ class Builder:
         self.unsupported: dict[str, list[str]] = {}  # op description -> node names
         self.value_coupled: list[tuple[np.ndarray, str]] = []
         self.modules: dict[str, Any] = {}  # module path -> module
+        self.param_nodes: dict[Any, str] = {}  # graph node -> name of the parameter it reads
+        self._by_param: dict[str, list[Member]] = {}
 
     # ---------------------------------------------------------------- element space
     def new_axis(self, node: str, dims: tuple[int, ...], sizes: tuple[int, ...]) -> Axis:
@@ -152,6 +154,16 @@ class Builder:
         elems = np.asarray(elems, dtype=np.int64).ravel()
         idx = np.arange(elems.size) if index is None else np.asarray(index, dtype=np.int64).ravel()
         self.members.append(Member(canon, dim, elems, idx, role, module))
+        self._by_param.setdefault(canon, []).append(self.members[-1])
+
+    def set_roles(self, node: Any, roles: dict[int, str]) -> None:
+        """Tag the members of the parameter read at graph node ``node`` by dim (a functional
+        layer's weight: dim 0 produces channels ('out'), dim 1 consumes them ('in'))."""
+        name = self.param_nodes.get(node)
+        canon = self.aliases.get(name) if name is not None else None
+        for m in self._by_param.get(canon, []) if canon is not None else []:
+            if m.role == "param" and m.dim in roles:
+                m.role = roles[m.dim]
 
     def mark_value_coupled(self, e: np.ndarray, why: str) -> None:
         """Removing one of these channels changes the values of the others (e.g. LayerNorm)."""

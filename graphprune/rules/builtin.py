@@ -1,3 +1,3 @@
 """Importing this module registers every built-in rule."""
 
-from . import functional, functions, matmul, modules, transformer  # noqa: F401
+from . import aten, functional, functions, matmul, modules, transformer  # noqa: F401

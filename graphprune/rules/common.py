@@ -29,6 +29,13 @@ def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+def base_name(node: fx.Node) -> str:
+    """'split' for Tensor.split, torch.split and aten.split.Tensor alike."""
+    t = node.target
+    name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+    return name.split(".")[0]
+
+
 def norm_dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
@@ -301,6 +308,30 @@ def movement(b: Builder, node: fx.Node, call: Callable[[torch.Tensor], torch.Ten
     return out
 
 
+_SIZE_ATTRS = ("out_channels", "in_channels", "out_features", "in_features", "num_features",
+               "embedding_dim", "num_channels")
+
+
+def _managed_literal(b: Builder, node: fx.Node, s: Any) -> bool:
+    """A literal that is a size attribute of the module whose parameter is being reshaped
+    (``self.weight.reshape(1, self.out_channels, -1)``): graphprune refreshes that attribute."""
+    from .registry import resizer_for
+
+    if not isinstance(s, int) or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    n = node.args[0]
+    for _ in range(8):
+        if n in b.param_nodes:
+            m = b.modules.get(b.param_nodes[n].rpartition(".")[0])
+            return m is not None and resizer_for(m) is not None and any(
+                getattr(m, a, None) == s for a in _SIZE_ATTRS)
+        ins = n.all_input_nodes
+        if len(ins) != 1:
+            return False
+        n = ins[0]
+    return False
+
+
 def _pin_size_sources(b: Builder, node: fx.Node, out: TInfo, sizes: list[Any] | None) -> None:
     """A size read from a channel dim but given to an output dim that is not a channel would
     change after pruning while the data does not: freeze that channel."""
@@ -326,7 +357,7 @@ def _constrain_sizes(b: Builder, node: fx.Node, out: TInfo, na: Any, sizes: list
                 return
             b.couple(b.along(out, d), other)
             free.append(d)
-        elif isinstance(s, fx.Node) or s is None or s == -1:
+        elif isinstance(s, fx.Node) or s is None or s == -1 or _managed_literal(b, node, s):
             free.append(d)
     if not free:
         b.freeze(na.elems(), f"literal channel size in {node.target} at node '{node.name}'")

@@ -19,9 +19,10 @@ from .registry import op_rule
 
 
 def _owner(b: Builder, w: Any, cls: type | tuple[type, ...]) -> nn.Module | None:
-    """The module owning parameter node ``w`` (a get_attr), if it is an instance of ``cls``."""
-    if isinstance(w, fx.Node) and w.op == "get_attr":
-        m = b.modules.get(str(w.target).rpartition(".")[0])
+    """The module owning parameter node ``w``, if it is an instance of ``cls``."""
+    name = b.param_nodes.get(w) if isinstance(w, fx.Node) else None
+    if name is not None:
+        m = b.modules.get(name.rpartition(".")[0])
         return m if isinstance(m, cls) else None
     return None
 
@@ -88,6 +89,8 @@ def linear_fn(b: Builder, node: fx.Node, m: Any = None) -> Any:
     b.source(oa.elems())
     b.link(b.along(wi, 1), x, last, f"input features of '{node.name}' are not channels")
     _link_param(b, node, bias, 0, oa.elems(), "bias")
+    b.set_roles(w, {0: "out", 1: "in"})
+    b.set_roles(bias, {0: "out"})
     out.axes.append(oa)
     return out
 
@@ -106,7 +109,7 @@ def conv_fn(b: Builder, node: fx.Node, m: Any = None) -> Any:
                 b.freeze(a.elems(), reason)
     owner = _owner(b, w, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) if isinstance(w, fx.Node) else None
     if owner is None and isinstance(w, fx.Node):  # a computed weight (weight standardisation)
-        src = _param_source(w)
+        src = _param_source(w, b.param_nodes)
         owner = _owner(b, src, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) if src is not None else None
     if wo is None or groups != 1 and (owner is None or owner.groups != groups):
         b.freeze_info(TInfo(x.shape, [a for a in x.axes if 1 in a.dims]) if x else None, reason)
@@ -132,13 +135,15 @@ def conv_fn(b: Builder, node: fx.Node, m: Any = None) -> Any:
         b.freeze_info(TInfo(x.shape, [a for a in x.axes if 1 in a.dims]), f"{reason} (groups)")
         b.freeze(oa.elems(), f"{reason} (groups)")
     _link_param(b, node, bias, 0, oa.elems(), "bias")
+    b.set_roles(w, {0: "out", 1: "in"})
+    b.set_roles(bias, {0: "out"})
     return TInfo(spec.shape, [oa])
 
 
-def _param_source(n: fx.Node, depth: int = 8) -> fx.Node | None:
+def _param_source(n: fx.Node, params: dict, depth: int = 8) -> fx.Node | None:
     """The parameter a computed weight is derived from (through reshapes and normalisation)."""
     for _ in range(depth):
-        if n.op == "get_attr":
+        if n in params:
             return n
         inputs = [a for a in n.all_input_nodes]
         if not inputs:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from ..trace import TensorSpec
 from .builder import Builder, TInfo
 from .common import (
-    arg, broadcast, concrete, empty_like_spec, keep_axes, movement, norm_dim, out_spec, reduce,
-    spatial,
+    arg, base_name, broadcast, concrete, empty_like_spec, keep_axes, movement, norm_dim, out_spec,
+    reduce, spatial,
 )
 from .registry import op_rule
 
@@ -126,7 +126,8 @@ def layer_norm_fn(b: Builder, node: fx.Node, m: Any = None) -> Any:
         return x
     nd = len(shape) if isinstance(shape, (list, tuple)) else 1
     # the literal normalized_shape is refreshed only if it belongs to an nn.LayerNorm we resize
-    owner_ok = isinstance(w, fx.Node) and w.op == "get_attr" and _owned_by_layernorm(b, w.target)
+    owner_ok = isinstance(w, fx.Node) and w in b.param_nodes and \
+        _owned_by_layernorm(b, b.param_nodes[w])
     if nd != 1 or not owner_ok:
         for a in x.axes:
             if any(d >= x.ndim - nd for d in a.dims):
@@ -219,7 +220,7 @@ def stack(b: Builder, node: fx.Node, m: Any = None) -> Any:
 def split(b: Builder, node: fx.Node, m: Any = None) -> Any:
     spec = out_spec(b, node)
     x = b.info(node.args[0])
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = base_name(node)
     pieces = list(spec)
     if x is None:
         return empty_like_spec(spec)
@@ -401,7 +402,7 @@ def _call(b: Builder, node: fx.Node):
 @op_rule("view", "reshape", torch.reshape, "expand")
 def view(b: Builder, node: fx.Node, m: Any = None) -> Any:
     sizes = _shape_args(node, 1)
-    if node.target == "expand":
+    if base_name(node) == "expand":
         sizes = [None if s == -1 else s for s in sizes]
     return movement(b, node, _call(b, node), sizes=sizes)
 
@@ -470,7 +471,7 @@ def channel_regroup(b: Builder, node: fx.Node, fn: Any, k: int) -> Any:
          "max", "min", "any", "all", "argmax", "argmin")
 def reduction(b: Builder, node: fx.Node, m: Any = None) -> Any:
     x = b.info(node.args[0])
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = base_name(node)
     if len(node.args) > 1 and isinstance(b.spec(node.args[1]), TensorSpec):
         return broadcast(b, node, list(node.args[:2]))  # torch.max(a, b) is elementwise
     pos = 2 if name == "norm" else 1

@@ -13,7 +13,7 @@ from graphprune.errors import (
 )
 from models import lenet5, resnet20
 
-from ..conftest import assert_unchanged, snapshot
+from ..conftest import assert_mask_equivalent, assert_unchanged, snapshot
 
 X32 = torch.randn(1, 3, 32, 32)
 
@@ -193,12 +193,22 @@ class WithOpaque(nn.Module):
 
 def test_untraceable_submodule_becomes_an_opaque_leaf():
     model = WithOpaque().eval()
-    g = gp.trace(model, X32)
+    g = gp.trace(model, X32, tracer="fx")
     assert "same" in g.leaves and "TraceError" in g.leaves["same"]
     assert not g.group("a").prunable and "could not be traced" in g.group("a").reason
     assert g.group("b").prunable
-    r = gp.prune(model, X32, sparsity=0.5)
+    r = gp.prune(model, X32, sparsity=0.5, tracer="fx")
     assert r.model.b.out_channels == 8 and r.model.same.conv.out_channels == 8
+
+
+def test_auto_tracer_sees_through_the_opaque_leaf_with_torch_export():
+    model = WithOpaque().eval()
+    g = gp.trace(model, X32)
+    assert g.tracer == "torch.export" and "same" in g.tracer_reason
+    assert g.group("a").prunable and g.group("same.conv").prunable
+    r = gp.prune(model, X32, sparsity=0.5)
+    assert r.model.a.out_channels == 4 and r.model.same.conv.in_channels == 4
+    assert_mask_equivalent(model, r, X32)
 
 
 def test_export_to_unwritable_place_leaves_nothing(tmp_path):

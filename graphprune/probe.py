@@ -1,0 +1,110 @@
+"""Probe a torch.export graph for size arithmetic the exporter specialised away.
+
+torch.fx keeps ``C = x.shape[-1]; q.reshape(B, N, H, C // H)`` as graph nodes, so the rules see
+that the reshape depends on a channel count and freeze it. ``torch.export`` evaluates such
+arithmetic on the example inputs and leaves literals (``reshape(1, 197, 3, 64)``): the graph no
+longer shows the dependency, yet the model's own code still computes it after pruning. So an
+export graph is checked empirically before anyone may prune it: every prunable group loses a
+quarter of its channels at once, the shrunk model runs on the example inputs, and its output must
+equal the original with those channels zeroed (groups whose removal changes other channels'
+values, such as LayerNorm's, are only required to run and keep the output shape). Failing sets
+are bisected down to single groups, which are frozen with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._modcopy import meta_args
+from .trace import on_meta, preserved_state
+
+if TYPE_CHECKING:
+    from .graph import ChannelGraph, Group
+
+TOLERANCE = 1e-3
+
+
+def _outputs(y: Any) -> list[torch.Tensor]:
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if isinstance(y, dict):
+        y = list(y.values())
+    if isinstance(y, (list, tuple)):
+        return [t for v in y for t in _outputs(v)]
+    return []
+
+
+def _run(model: torch.nn.Module, inputs: tuple, mode: str) -> list[torch.Tensor]:
+    args, kwargs = inputs
+    if on_meta(model):
+        args, kwargs = meta_args(args), meta_args(kwargs)
+    with preserved_state(model, mode):
+        return _outputs(model(*args, **kwargs))
+
+
+def _plan_for(groups: list[Group]):
+    from .plan import GroupPlan, Plan
+
+    return Plan({g.name: GroupPlan(g.size, tuple(range(g.size - max(1, g.size // 4))))
+                 for g in groups})
+
+
+def _fails(graph: ChannelGraph, groups: list[Group], ref: list[torch.Tensor]) -> str | None:
+    """Why shrinking ``groups`` breaks the model, or None."""
+    from .apply.shrink import apply_plan
+
+    t = graph.traced[0]
+    try:
+        applied = apply_plan(graph, _plan_for(groups), verify=False)
+        got = _run(applied.model, t.inputs, t.mode)
+    except Exception as e:  # the model's own code no longer runs: that is the finding
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if [tuple(y.shape) for y in got] != [tuple(y.shape) for y in ref]:
+        return "the output shape changes"
+    if on_meta(graph.model) or any(g.value_coupled for g in groups):
+        return None
+    masked = copy.deepcopy(graph.model)
+    sd = masked.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for k, m in applied.masks.items():
+            sd[k].mul_(m.to(sd[k].dtype))
+    want = _run(masked, t.inputs, t.mode)
+    for a, b in zip(got, want):
+        if a.is_floating_point():
+            err = float((a - b).norm() / b.norm().clamp_min(1e-30))
+            if err > TOLERANCE:
+                return f"the output differs from the masked original by {err:.1e}"
+    return None
+
+
+def probe_export_graph(graph: ChannelGraph) -> dict[str, str]:
+    """Freeze (in place) the prunable groups of a torch.export graph whose removal breaks the
+    model's own size arithmetic; returns group name -> reason."""
+    groups = list(graph.prunable_groups)
+    if not groups:
+        return {}
+    t = graph.traced[0]
+    ref = _run(graph.model, t.inputs, t.mode)
+    frozen: dict[str, str] = {}
+
+    def visit(gs: list[Group]) -> None:
+        why = _fails(graph, gs, ref)
+        if why is None:
+            return
+        if len(gs) == 1:
+            frozen[gs[0].name] = why
+            return
+        half = len(gs) // 2
+        visit(gs[:half])
+        visit(gs[half:])
+
+    visit(groups)
+    for g in groups:
+        if g.name in frozen:
+            g.prunable = False
+            g.reason = ("torch.export specialised size arithmetic that depends on these channels "
+                        f"(a probe pruning them failed: {frozen[g.name]})")[:300]
+    return frozen

@@ -1,0 +1,133 @@
+"""ATen-level rules (graphs from ``torch.export``): the same rules as for functions and methods,
+registered for the ops the exporter emits, with argument orders adapted where ATen differs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from . import functional, functions, matmul
+from .builder import Builder, TInfo
+from .common import keep_axes, out_spec, spatial
+from .registry import op_rule
+
+aten = torch.ops.aten
+
+
+def _ops(*names: str) -> list[Any]:
+    out = []
+    for n in names:
+        packet, _, overload = n.partition(".")
+        p = getattr(aten, packet, None)
+        o = getattr(p, overload or "default", None) if p is not None else None
+        if o is not None:
+            out.append(o)
+    return out
+
+
+op_rule(*_ops("conv1d.default", "conv2d.default", "conv3d.default"))(functional.conv_fn)
+op_rule(*_ops("linear.default"))(functional.linear_fn)
+op_rule(*_ops("group_norm.default"))(functional.group_norm_fn)
+op_rule(*_ops("layer_norm.default"))(functions.layer_norm_fn)
+op_rule(*_ops("matmul.default", "bmm.default"))(matmul.matmul)
+op_rule(*_ops("scaled_dot_product_attention.default"))(matmul.sdpa)
+op_rule(*_ops("cat.default", "concat.default"))(functions.cat)
+op_rule(*_ops("stack.default"))(functions.stack)
+op_rule(*_ops("softmax.int", "log_softmax.int", "_softmax.default"))(functions.softmax)
+op_rule(*_ops("split.Tensor", "chunk.default", "unbind.int", "split_with_sizes.default"))(
+    functions.split)
+op_rule(*_ops("reshape.default", "view.default", "expand.default", "_unsafe_view.default"))(
+    functions.view)
+op_rule(*_ops("unflatten.int"))(functions.unflatten)
+op_rule(*_ops("permute.default", "transpose.int", "flatten.using_ints", "unsqueeze.default",
+              "squeeze.dim", "squeeze.dims", "squeeze.default", "t.default", "repeat.default"))(
+    functions.permute)
+op_rule(*_ops("mean.dim", "sum.dim_IntList", "amax.default", "amin.default", "std.correction",
+              "var.correction"))(functions.reduction)
+op_rule(*_ops("constant_pad_nd.default", "pad.default"))(functions.pad)
+op_rule(*_ops(
+    "relu.default", "relu_.default", "gelu.default", "gelu_.default", "silu.default",
+    "silu_.default", "hardswish.default", "hardswish_.default", "hardsigmoid.default",
+    "hardsigmoid_.default", "sigmoid.default", "sigmoid_.default", "tanh.default", "tanh_.default",
+    "dropout.default", "dropout_.default", "alias.default", "clone.default", "detach.default",
+    "hardtanh.default", "hardtanh_.default", "leaky_relu.default", "leaky_relu_.default",
+    "elu.default", "elu_.default", "mish.default", "softplus.default", "clamp.default",
+    "clamp_.default", "abs.default", "neg.default", "exp.default", "sqrt.default",
+    "rsqrt.default", "contiguous.default", "_to_copy.default", "to.dtype", "erf.default",
+    "relu6.default"))(functions.unary)
+op_rule(*_ops("add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor", "mul.Tensor",
+              "mul_.Tensor", "div.Tensor", "div_.Tensor", "where.self", "maximum.default",
+              "minimum.default", "pow.Tensor_Tensor", "add.Scalar", "mul.Scalar", "div.Scalar",
+              "sub.Scalar", "pow.Tensor_Scalar"))(functions.binary)
+
+
+def _spatial2(b: Builder, node: fx.Node, m: Any = None) -> Any:
+    return spatial(b, node, b.info(node.args[0]), out_spec(b, node).ndim - 2
+                   if not isinstance(out_spec(b, node), (tuple, list)) else 2)
+
+
+op_rule(*_ops("adaptive_avg_pool2d.default", "max_pool2d.default", "avg_pool2d.default",
+              "adaptive_avg_pool1d.default", "max_pool1d.default", "avg_pool1d.default",
+              "adaptive_max_pool2d.default", "upsample_nearest2d.vec", "upsample_bilinear2d.vec",
+              "upsample_bicubic2d.vec", "max_pool2d_with_indices.default"))(_spatial2)
+
+
+@op_rule(*_ops("batch_norm.default", "_native_batch_norm_legit_no_training.default"))
+def batch_norm(b: Builder, node: fx.Node, m: Any = None) -> Any:
+    """aten.batch_norm(input, weight, bias, running_mean, running_var, ...)."""
+    x = b.info(node.args[0])
+    e = b.along(x, 1) if x is not None and x.ndim > 1 else None
+    for i, name in enumerate(("weight", "bias", "running_mean", "running_var"), start=1):
+        p = node.args[i] if len(node.args) > i else None
+        functional._link_param(b, node, p, 0, e, name)
+    spec = out_spec(b, node)
+    if isinstance(spec, (tuple, list)):  # (out, save_mean, save_invstd)
+        return (x,) + tuple(TInfo(s.shape) if hasattr(s, "shape") else None for s in spec[1:])
+    return x
+
+
+@op_rule(*_ops("select.int"))
+def select(b: Builder, node: fx.Node, m: Any = None) -> Any:
+    x, dim, index = b.info(node.args[0]), node.args[1], node.args[2]
+    spec = out_spec(b, node)
+    if x is None:
+        return TInfo(spec.shape)
+    dim = dim % x.ndim
+    return functions._index(b, node, x, tuple([slice(None)] * dim + [index]), spec)
+
+
+@op_rule(*_ops("slice.Tensor"))
+def slice_(b: Builder, node: fx.Node, m: Any = None) -> Any:
+    x = b.info(node.args[0])
+    spec = out_spec(b, node)
+    if x is None:
+        return TInfo(spec.shape)
+    dim = (node.args[1] if len(node.args) > 1 else 0) % x.ndim
+    size = b.spec(node.args[0]).shape[dim]
+    start = node.args[2] if len(node.args) > 2 else None
+    end = node.args[3] if len(node.args) > 3 else None
+    step = node.args[4] if len(node.args) > 4 else 1
+    if isinstance(end, int) and end >= size:
+        end = None
+    if start == 0:
+        start = None
+    return functions._index(b, node, x, tuple([slice(None)] * dim + [slice(start, end, step)]),
+                            spec)
+
+
+@op_rule(*_ops("embedding.default"))
+def embedding(b: Builder, node: fx.Node, m: Any = None) -> Any:
+    """aten.embedding(weight, indices): the embedding dim is produced by the weight's columns."""
+    w, idx = node.args[0], node.args[1]
+    spec = out_spec(b, node)
+    out = keep_axes(b, node, b.info(idx), range(spec.ndim - 1), spec.shape, "")
+    cols = b.along(b.info(w), 1)
+    if cols is None:
+        return out
+    oa = b.new_axis(node.name, (spec.ndim - 1,), (spec.shape[-1],))
+    b.couple(oa.elems(), cols)
+    b.source(oa.elems())
+    out.axes.append(oa)
+    return out
