@@ -177,6 +177,12 @@ def _resize_modules(graph: ChannelGraph, mods: dict[str, nn.Module], shapes: dic
         fn = resizer_for(m)
         if fn is not None and (in_shape is None or isinstance(in_shape, tuple)):
             fn(m, in_shape)
+    # head counts / widths that user code passes to reshape as module attributes
+    ks = {id(t.graph): k for k, t in enumerate(graph.traced)}
+    for path, attr, node, d in graph.builder.attr_sizes:
+        shape = shapes.get((ks.get(id(node.graph), 0), node.name))
+        if isinstance(shape, tuple) and d < len(shape) and isinstance(shape[d], int):
+            setattr(mods[path], attr, shape[d])
 
 
 def masks_from_kept(graph: ChannelGraph, kept: dict[str, dict[int, np.ndarray]],

@@ -107,6 +107,8 @@ class Builder:
         self.modules: dict[str, Any] = {}  # module path -> module
         self.param_nodes: dict[Any, str] = {}  # graph node -> name of the parameter it reads
         self._by_param: dict[str, list[Member]] = {}
+        # (module path, attribute, node, dim): the attribute is set to the node's new size at dim
+        self.attr_sizes: list[tuple[str, str, Any, int]] = []
 
     # ---------------------------------------------------------------- element space
     def new_axis(self, node: str, dims: tuple[int, ...], sizes: tuple[int, ...]) -> Axis:

@@ -332,6 +332,45 @@ def _managed_literal(b: Builder, node: fx.Node, s: Any) -> bool:
     return False
 
 
+# attributes of an attention module that hold a head count or the heads' total width; a literal
+# equal to one of them in a reshape inside that module is refreshed after pruning
+HEAD_COUNT_ATTRS = ("num_heads", "heads", "n_heads")
+HEAD_WIDTH_ATTRS = ("attn_dim", "all_head_dim", "inner_dim", "num_heads_x_head_dim")
+HEAD_DIM_ATTRS = ("head_dim", "dim_head", "head_size")
+
+
+def _enclosing_modules(b: Builder, node: fx.Node) -> list[tuple[str, Any]]:
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for v in reversed(list(stack.values())):
+        path = v[0] if isinstance(v, tuple) else v
+        m = b.modules.get(path)
+        if m is not None:
+            out.append((path, m))
+    return out
+
+
+def _head_literal(b: Builder, node: fx.Node, sizes: list[Any], d: int) -> bool:
+    """``reshape(B, N, 3, self.num_heads, self.head_dim)`` or ``reshape(B, N, self.attn_dim)`` in
+    an attention module: the literal is the module's own head count or width, which graphprune
+    refreshes after pruning (so whole heads may go). A head count must be followed by the
+    module's head_dim, so that ``(3, 3, 64)`` with 3 heads is read unambiguously."""
+    s = sizes[d]
+    for path, m in _enclosing_modules(b, node)[:2]:
+        hd = next((getattr(m, a) for a in HEAD_DIM_ATTRS if isinstance(getattr(m, a, None), int)),
+                  None)
+        for a in HEAD_COUNT_ATTRS:
+            if getattr(m, a, None) == s and hd is not None and d + 1 < len(sizes) \
+                    and sizes[d + 1] == hd:
+                b.attr_sizes.append((path, a, node, d))
+                return True
+        for a in HEAD_WIDTH_ATTRS:
+            if getattr(m, a, None) == s and d == len(sizes) - 1 and sizes.count(s) == 1:
+                b.attr_sizes.append((path, a, node, d))
+                return True
+    return False
+
+
 def _pin_size_sources(b: Builder, node: fx.Node, out: TInfo, sizes: list[Any] | None) -> None:
     """A size read from a channel dim but given to an output dim that is not a channel would
     change after pruning while the data does not: freeze that channel."""
@@ -357,7 +396,8 @@ def _constrain_sizes(b: Builder, node: fx.Node, out: TInfo, na: Any, sizes: list
                 return
             b.couple(b.along(out, d), other)
             free.append(d)
-        elif isinstance(s, fx.Node) or s is None or s == -1 or _managed_literal(b, node, s):
+        elif isinstance(s, fx.Node) or s is None or s == -1 or _managed_literal(b, node, s) or (
+                isinstance(s, int) and _head_literal(b, node, sizes, d)):
             free.append(d)
     if not free:
         b.freeze(na.elems(), f"literal channel size in {node.target} at node '{node.name}'")

@@ -227,9 +227,16 @@ def split(b: Builder, node: fx.Node, m: Any = None) -> Any:
     if name == "unbind":
         d = norm_dim(arg(node, 1, "dim", 0), x.ndim)
         dim_map = {i: (i if i < d else i - 1) for i in range(x.ndim) if i != d}
-        return tuple(keep_axes(b, node, x, dim_map, p.shape, f"unbind over channels at "
-                                                                f"'{node.name}'", dim_map)
-                     for p in pieces)
+        reason = f"unbind over channels at '{node.name}'"
+        a = x.axis_at(d)
+        if a is not None and len(a.dims) > 1:  # q, k, v = qkv.unbind(0) of (3, heads, hd)
+            outs = []
+            for k, p in enumerate(pieces):
+                out = keep_axes(b, node, x, dim_map, p.shape, reason, dim_map, consumed=a.dims)
+                _pick(b, node, a, {d: k}, {}, dim_map, out)
+                outs.append(out)
+            return tuple(outs)
+        return tuple(keep_axes(b, node, x, dim_map, p.shape, reason, dim_map) for p in pieces)
     d = norm_dim(arg(node, 2, "dim", 0), x.ndim)
     size_arg = arg(node, 1, "split_size_or_sections" if name == "split" else "chunks")
     a = x.axis_at(d)

@@ -128,3 +128,24 @@ def test_llama_7b_graph_builds_on_meta():
     assert g.group("blocks.31.mlp.w1").size == 11008
     plan = gp.make_plan(g, sparsity=0.25, method="random")
     assert plan.channels["blocks.0.attn.wq"] == (32, 24)
+
+
+@pytest.mark.slow
+def test_timm_vit_heads_prune_through_literal_head_counts():
+    """timm's Attention reshapes with ``self.num_heads`` / ``self.attn_dim`` literals: whole heads
+    go, the attributes follow, and the shrunk model equals the masked original."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    g = gp.trace(m, x)
+    heads = g.group("blocks.0.attn.qkv")
+    assert heads.size == 3 and heads.prunable  # units are heads (3 x 64 rows of q, k and v)
+    r = gp.prune(m, x, config=[{"op_names": ["*attn.qkv", "*mlp.fc1"], "sparsity": 0.5}])
+    attn = r.model.blocks[2].attn
+    assert attn.num_heads == 2 and attn.attn_dim == 128 and attn.head_dim == 64
+    assert attn.qkv.out_features == 384 and attn.proj.in_features == 128
+    assert r.model.blocks[0].mlp.fc1.out_features == 384
+    ref = masked_copy(m, r.masks).eval()
+    with torch.no_grad():
+        assert rel_err(r.model(x), ref(x)) < 1e-5
