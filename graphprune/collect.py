@@ -121,7 +121,7 @@ def sample_layers(model: nn.Module, calib: Calibration, paths: list[str], *, row
     was = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             for b, (xs, _) in enumerate(calib):
                 state["batch"], state["seen"] = b, set()
                 try:

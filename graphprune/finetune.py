@@ -14,7 +14,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     was = model.training
     model.eval()
     correct = 0
-    with torch.inference_mode():
+    with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
             correct += int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
     model.train(was)

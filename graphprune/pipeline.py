@@ -308,7 +308,7 @@ def _sensitivity_png(model: nn.Module, example: torch.Tensor, data: Data, recipe
     levels = [0.25, 0.5, 0.75]
     x_eval = data.eval_x[:512]
     y_eval = None if data.eval_y is None else data.eval_y[:512]
-    with torch.inference_mode():
+    with torch.no_grad():
         ref = model(x_eval)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for grp in groups:
@@ -316,7 +316,7 @@ def _sensitivity_png(model: nn.Module, example: torch.Tensor, data: Data, recipe
         for s in levels:
             rr = prune(model, example, config=[{"op_names": [grp.name], "sparsity": s}],
                        method="l1")
-            with torch.inference_mode():
+            with torch.no_grad():
                 out = rr.model(x_eval)
             vals.append(float((out.argmax(-1) == y_eval).float().mean()) if y_eval is not None
                         else float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), 0)))

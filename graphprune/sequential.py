@@ -251,7 +251,7 @@ def _stats(g: Group, cons: dict[str, tuple[np.ndarray, np.ndarray]], samples: di
 def output_fidelity(a: nn.Module, b: nn.Module, calib: Calibration) -> dict[str, float]:
     """Relative error and cosine of ``b``'s outputs vs ``a``'s on the calibration batches."""
     num = den = dot = na = nb = 0.0
-    with torch.inference_mode():
+    with torch.no_grad():
         for xs, _ in calib:
             ya, yb = a(*xs), b(*xs)
             ya = ya[0] if isinstance(ya, (tuple, list)) else ya

@@ -162,7 +162,7 @@ def preserved_state(model: nn.Module, mode: str, buffers: bool = True) -> Iterat
              if buffers and b.device.type != "meta"]
     model.train(mode == "train")
     try:
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
             yield
     finally:
         for m, t in modes.items():

@@ -82,6 +82,8 @@ def batch_norm(b: Builder, node: fx.Node, m: Any = None) -> Any:
     for i, name in enumerate(("weight", "bias", "running_mean", "running_var"), start=1):
         p = node.args[i] if len(node.args) > i else None
         functional._link_param(b, node, p, 0, e, name)
+    if "no_training" not in str(node.target):
+        functional.stats_coupling(b, node, x, node.args[5] if len(node.args) > 5 else False)
     spec = out_spec(b, node)
     if isinstance(spec, (tuple, list)):  # (out, save_mean, save_invstd)
         return (x,) + tuple(TInfo(s.shape) if hasattr(s, "shape") else None for s in spec[1:])

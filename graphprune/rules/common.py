@@ -124,9 +124,12 @@ def broadcast(b: Builder, node: fx.Node, operands: list[Any]) -> TInfo | None:
                     covered[d] = na
             elif len(hit) == 1 and next(iter(hit.values())).dims == dims:
                 b.couple(next(iter(hit.values())).elems(), a.elems())
-            else:  # different axis structure on the same dims: couple dim by dim
+            else:  # different axis structure on the same dims: couple dim by dim; a dim of
+                # this axis that no output axis carries keeps its size (``along`` the covered
+                # dims ties its positions together)
                 for d in dims:
-                    b.link(b.along(TInfo(s, [a]), d - off), out, d, "")
+                    if d in covered:
+                        b.link(b.along(TInfo(s, [a]), d - off), out, d, "")
     # an operand that is full-size on a channel dim but has no axis there pins its size: a
     # plain channel axis is frozen; in a multi-dim axis that dim just never shrinks (all its
     # positions go together)
@@ -380,6 +383,18 @@ def _pin_size_sources(b: Builder, node: fx.Node, out: TInfo, sizes: list[Any] | 
         freeze_size_deps(b, node, s, f"its size shapes a non-channel dim at node '{node.name}'")
 
 
+def _own_arithmetic(b: Builder, node: fx.Node, s: fx.Node) -> bool:
+    """A computed size that depends only on the reshaped tensor's own channel axes (the
+    ``C // groups`` of a channel shuffle), or on no channel at all."""
+    x = b.info(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    own = {id(a) for a in x.axes} if isinstance(x, TInfo) else set()
+    for info, d in size_deps(b, s):
+        a = info.axis_at(d) if isinstance(info, TInfo) else None
+        if a is not None and id(a) not in own:
+            return False
+    return True
+
+
 def _constrain_sizes(b: Builder, node: fx.Node, out: TInfo, na: Any, sizes: list[Any]) -> None:
     """Literal sizes in a view stay fixed after pruning: only one free dim of an axis may shrink,
     and only if no literal pins it. Sizes read from another tensor couple with that tensor."""
@@ -396,6 +411,10 @@ def _constrain_sizes(b: Builder, node: fx.Node, out: TInfo, na: Any, sizes: list
                 return
             b.couple(b.along(out, d), other)
             free.append(d)
+        elif isinstance(s, fx.Node) and not _own_arithmetic(b, node, s):
+            # computed from another tensor's channel count (C // heads with C the *input* width
+            # of the layer that made this tensor): that count must stay, and so does this size
+            freeze_size_deps(b, node, s, f"its count sizes another tensor at node '{node.name}'")
         elif isinstance(s, fx.Node) or s is None or s == -1 or _managed_literal(b, node, s) or (
                 isinstance(s, int) and _head_literal(b, node, sizes, d)):
             free.append(d)

@@ -34,6 +34,18 @@ def _link_param(b: Builder, node: fx.Node, p: Any, dim: int, e: Any, what: str) 
         b.freeze_info(b.info(p), f"{what} at '{node.name}' normalises a non-channel dim")
 
 
+def stats_coupling(b: Builder, node: fx.Node, x: TInfo | None, training: Any) -> None:
+    """A norm computing its statistics from the data (training mode, no running stats, or the
+    weight standardisation of NF-nets' ScaledStdConv) averages over every dim but 1: channels on
+    those dims change each other's values when removed."""
+    if x is None or training is False:
+        return
+    for a in x.axes:
+        if 1 not in a.dims:
+            b.mark_value_coupled(a.elems(), f"normalised together (statistics over them) at "
+                                            f"'{node.name}'")
+
+
 @op_rule(F.batch_norm, F.instance_norm)
 def batch_norm_fn(b: Builder, node: fx.Node, m: Any = None) -> Any:
     x = b.info(node.args[0])
@@ -42,6 +54,8 @@ def batch_norm_fn(b: Builder, node: fx.Node, m: Any = None) -> Any:
     start = 1
     for i, name in enumerate(names):
         _link_param(b, node, arg(node, start + i, name), 0, e, name)
+    stats_coupling(b, node, x, True if node.target is F.instance_norm
+                   else arg(node, 5, "training", False))
     return x
 
 

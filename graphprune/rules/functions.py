@@ -110,8 +110,16 @@ def softmax(b: Builder, node: fx.Node, m: Any = None) -> Any:
         if d is None:
             b.freeze_info(x, f"softmax without dim at '{node.name}'")
         else:
-            a = x.axis_at(norm_dim(d, x.ndim))
-            if a is not None:
+            d = norm_dim(d, x.ndim)
+            a = x.axis_at(d)
+            if a is not None and len(a.dims) > 1:
+                # over one dim of a (paths, C/paths) axis: every entry along it goes together,
+                # so the softmax only mixes entries of the same unit
+                g = a.grid()
+                p = a.dims.index(d)
+                rows = np.moveaxis(g, p, -1).reshape(-1, g.shape[p])
+                b.couple(np.repeat(rows[:, :1], rows.shape[1] - 1, axis=1), rows[:, 1:])
+            elif a is not None:
                 b.freeze(a.elems(), f"softmax across channels at '{node.name}'")
     return x
 

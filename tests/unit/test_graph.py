@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import graphprune as gp
 
+from ..conftest import assert_mask_equivalent
 from . import nets
 
 X = torch.randn(2, 3, 8, 8)
@@ -216,3 +218,36 @@ def test_mask_equivalence_on_hand_built_nets(net, x, method):
     r = gp.prune(model, x, sparsity=0.5, method=method)
     assert r.report.params[1] < r.report.params[0]
     assert_mask_equivalent(model, r, x)
+
+
+class SelectiveKernel(nn.Module):
+    """Two paths stacked on a new dim, weighted by a softmax over the paths of a (paths, C)
+    view of one conv's output (SKNet): channel c of both paths and both attention rows go
+    together; the softmax over paths mixes only entries of that unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 8, 1)
+        self.p0, self.p1 = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.fs = nn.Conv2d(8, 32, 1)
+        self.out = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        x = self.c0(x)
+        y = torch.stack([self.p0(x), self.p1(x)], dim=1)
+        a = self.fs(x)
+        b, c, h, w = a.shape
+        a = torch.softmax(a.view(b, 2, c // 2, h, w), dim=1)
+        return self.out((y * a).sum(1))
+
+
+def test_selective_kernel_paths_prune_per_channel():
+    torch.manual_seed(0)
+    m, x = SelectiveKernel().eval(), torch.randn(2, 3, 8, 8)
+    g = gp.trace(m, x)
+    grp = g.group("p0")
+    assert grp.size == 16 and grp.prunable
+    assert {mm.param for mm in grp.members} >= {"p0.weight", "p1.weight", "fs.weight", "out.weight"}
+    r = gp.prune(m, x, sparsity=0.5)
+    assert r.model.fs.out_channels == 16 and r.model.p1.out_channels == 8
+    assert_mask_equivalent(m, r, x)
