@@ -97,6 +97,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if graph.builder.unsupported:
         con.print("ops without a channel rule (channels frozen): " + ", ".join(
             f"{k} x{len(v)}" for k, v in graph.builder.unsupported.items()))
+    if graph.tracer_reason:
+        con.print(f"traced with {graph.tracer}: {graph.tracer_reason[:300]}")
     return 0
 
 
@@ -104,6 +106,7 @@ def _graph_json(graph: Any) -> dict[str, Any]:
     return {
         "model": type(graph.model).__name__,
         "tracer": graph.tracer,
+        "tracer_reason": graph.tracer_reason,
         "opaque_modules": graph.leaves,
         "unsupported_ops": {k: len(v) for k, v in graph.builder.unsupported.items()},
         "groups": [{"name": g.name, "channels": g.size, "prunable": g.prunable,

@@ -34,6 +34,16 @@ def test_inspect_table():
     assert "conv2" in r.stdout and "prunable" in r.stdout
 
 
+def test_inspect_with_the_export_tracer():
+    r = gp("inspect", "--model", "resnet20", "--tracer", "export", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["tracer"] == "torch.export" and d["tracer_reason"] == "requested"
+    assert sum(g["prunable"] for g in d["groups"]) == 12
+    bad = gp("inspect", "--model", "resnet20", "--tracer", "dynamo")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
 BUNDLE = ["channels.png", "masks.safetensors", "model.onnx", "model.safetensors", "plan.json",
           "recipe.json", "report.json", "report.md"]
 
