@@ -346,8 +346,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_encode(args: argparse.Namespace) -> int:
-    from .coding import encode
+def _quantized(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(quantized model or the model for scheme 'none', the fp32 model, an example input)."""
     from .quantize import quantize
 
     model, x = _model_with_masks(args)
@@ -355,10 +355,40 @@ def cmd_encode(args: argparse.Namespace) -> int:
         from .fold import fold_batchnorm
 
         model = fold_batchnorm(model, x)
-    obj = model if args.scheme == "none" else quantize(model, {"scheme": args.scheme,
-                                                               **({"bits": args.bits} if args.scheme
-                                                                  in ("linear", "kmeans", "dorefa")
-                                                                  else {})})
+    bits = {"bits": args.bits} if args.scheme in ("linear", "kmeans", "dorefa") else {}
+    obj = model if args.scheme == "none" else quantize(model, {"scheme": args.scheme, **bits})
+    return obj, model, x
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from ._safetensors import dumps
+    from .io import atomic_write_bytes
+
+    q, model, x = _quantized(args)
+    with torch.no_grad():
+        y0, y1 = model.eval()(x), q.model.eval()(x)
+    err = float((y1 - y0).norm() / y0.norm().clamp_min(1e-30))
+    state = {k: v.detach().contiguous() for k, v in q.model.state_dict().items()}
+    atomic_write_bytes(args.out, dumps(state, {"format": "graphprune.quantized",
+                                              "scheme": args.scheme, "bits": str(args.bits)}))
+    layers = {k: {"scheme": t.scheme, "bits": t.bits, "distinct": int(t.dequantize().unique().numel())}
+              for k, t in q.tensors.items()}
+    if args.json:
+        print(json.dumps({"path": args.out, "output_rel_err": err, "layers": layers}))
+    else:
+        con = _console(args.quiet)
+        con.print(q.summary())
+        con.print(f"wrote {args.out} ({len(state)} tensors, weights as their quantized values; load "
+                  f"with --weights); output vs fp32 on a random input: rel err {err:.3e}")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from .coding import encode
+
+    obj, _, _ = _quantized(args)
     rep = encode(obj, args.out, method=args.method)
     if args.json:
         print(json.dumps({"path": rep.path, "bytes": rep.bytes, "fp32_bytes": rep.fp32_bytes,
@@ -465,6 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--json", "--quiet", "--debug"):
         pb.add_argument(flag, action="store_true")
     pb.set_defaults(fn=cmd_bench)
+
+    pq = sub.add_parser("quantize", help="quantize the weights; write them as safetensors")
+    _common(pq)
+    pq.add_argument("--masks", help="mask file to apply first")
+    pq.add_argument("--scheme", default="linear",
+                    choices=("linear", "kmeans", "fixed_point", "naive", "dorefa"))
+    pq.add_argument("--bits", type=int, default=8)
+    pq.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs first")
+    pq.add_argument("--out", default="quantized.safetensors")
+    pq.set_defaults(fn=cmd_quantize)
 
     pn = sub.add_parser("encode", help="quantize and code the weights (Deep Compression)")
     _common(pn)

@@ -115,3 +115,20 @@ def test_unwritable_output_directory(tmp_path):
     r = gp("prune", "--model", "digits", "--out", str(f / "out"), cache=tmp_path / "c")
     assert r.returncode == 2 and "cannot write" in r.stderr
     assert f.read_text() == "x"
+
+
+def test_quantize_writes_quantized_weights_that_load_back(tmp_path):
+    out = tmp_path / "q.safetensors"
+    r = gp("quantize", "--model", "lenet5", "--input-shape", "1,1,32,32", "--scheme", "kmeans",
+           "--bits", "4", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["layers"] and all(v["distinct"] <= 16 and v["bits"] == 4 for v in d["layers"].values())
+    assert 0 < d["output_rel_err"] < 0.5
+    back = gp("export", "--model", "lenet5", "--input-shape", "1,1,32,32", "--weights", str(out),
+              "--out", str(tmp_path / "m.onnx"), "--exporter", "legacy", "--json")
+    assert back.returncode == 0, back.stderr
+    bad = gp("quantize", "--model", "lenet5", "--input-shape", "1,1,32,32", "--bits", "1",
+             "--out", str(tmp_path / "bad.safetensors"))
+    assert bad.returncode == 2 and "bits" in bad.stderr and len(bad.stderr.splitlines()) == 1
+    assert not (tmp_path / "bad.safetensors").exists()
