@@ -133,7 +133,8 @@ def apply_plan(graph: ChannelGraph, plan: Plan, *, inplace: bool = False,
     names_of: dict[str, list[str]] = defaultdict(list)
     for alias, canon in graph.aliases.items():
         names_of[canon].append(alias)
-    pruned_ids = {id(graph.params[p]) for p in kept}
+    # owners of sliced tensors, by name (with inplace=True the tensors are replaced below)
+    pruned_owners = {alias.rpartition(".")[0] for canon in kept for alias in names_of[canon]}
     new = model if inplace else _copy_model(model)
     mods = dict(new.named_modules(remove_duplicate=False))
     with torch.no_grad():
@@ -152,7 +153,7 @@ def apply_plan(graph: ChannelGraph, plan: Plan, *, inplace: bool = False,
             for alias in names_of[canon]:
                 _set_tensor(mods, alias, v, t)
     shapes = expected_shapes(graph, comp_keep)
-    _resize_modules(graph, mods, shapes, pruned_ids)
+    _resize_modules(graph, mods, shapes, pruned_owners)
     if verify == "full" or (verify and os.environ.get("GRAPHPRUNE_VERIFY") == "full"):
         verify_shapes(graph, new, shapes)
     elif verify:
@@ -161,16 +162,15 @@ def apply_plan(graph: ChannelGraph, plan: Plan, *, inplace: bool = False,
 
 
 def _resize_modules(graph: ChannelGraph, mods: dict[str, nn.Module], shapes: dict,
-                    pruned_ids: set[int]) -> None:
+                    pruned_owners: set[str]) -> None:
     touched: dict[str, Any] = {}
     for k, t in enumerate(graph.traced):
         for node in t.graph.nodes:
             if node.op == "call_module" and node.args and isinstance(node.args[0], fx.Node):
                 touched[node.target] = shapes.get((k, node.args[0].name))
     # modules whose parameters were sliced but that are not leaves (e.g. LayerNorm2d)
-    for name, m in graph.builder.modules.items():
-        if name not in touched and any(id(p) in pruned_ids for p in
-                                       (*m._parameters.values(), *m._buffers.values())):
+    for name in pruned_owners:
+        if name not in touched and name in mods:
             touched[name] = None
     for name, in_shape in touched.items():
         m = mods[name]

@@ -1,5 +1,7 @@
 """prune(): physical shrinking, masks, plans, configs, and the caller's model left alone."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -41,6 +43,27 @@ def test_inplace_modifies_the_model():
     model = resnet20().eval()
     r = gp.prune(model, X32, sparsity=0.5, inplace=True)
     assert r.model is model and model.layer1[0].conv1.out_channels == 8
+
+
+class _FunctionalLN(nn.LayerNorm):
+    """A LayerNorm subclass that fx traces through (timm's LayerNorm): its normalized_shape is a
+    literal in the graph that only the resizer refreshes."""
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def test_inplace_refreshes_the_attributes_of_modules_traced_through():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), _FunctionalLN(16),
+                          nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 8)
+    fresh = copy.deepcopy(model)
+    r = gp.prune(model, x, sparsity=0.5, inplace=True)
+    assert r.model is model and model[3].normalized_shape == (8,) and model(x).shape == (2, 4)
+    rebuilt = gp.apply_masks(fresh, r.masks, x, inplace=True)
+    assert rebuilt is fresh and rebuilt[3].normalized_shape == (8,)
+    assert_same_state(rebuilt, model)
 
 
 def test_masks_have_original_shapes_and_cover_bn_stats():
