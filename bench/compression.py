@@ -81,6 +81,16 @@ def admm_finish(model, admm):
         model.load_state_dict(direct)
 
 
+def admm_levels(base, sparsity):
+    """A copy of ``base`` trained by ADMM onto ``sparsity`` zeros and 4-bit levels at once."""
+    m = copy.deepcopy(base)
+    admm = ADMM(m, Intersection(Sparsity(sparsity), Levels(bits=4)), rho=0.2, rho_growth=1.05,
+                update_interval=22)
+    admm_train(m, admm)
+    admm_finish(m, admm)
+    return m
+
+
 def agp(model, sparsity, epochs=10):
     steps = epochs * ((XTR.shape[0] + 63) // 64)
     p = AGPPruner(model, [{"sparsity": sparsity, "op_types": ["default"]}],
@@ -102,21 +112,11 @@ def rows(dense):
         lt.next_round()
     train(m, XTR, YTR, epochs=6, after_step=lt.step)
     yield "lottery ticket 87.5% + 4-bit k-means", m, kmeans_finetuned(m)
-    m = copy.deepcopy(dense)
-    admm = ADMM(m, Intersection(Sparsity(0.9), Levels(bits=4)), rho=0.2, rho_growth=1.05,
-                update_interval=22)
-    admm_train(m, admm)
-    admm_finish(m, admm)
-    yield "ADMM 90% + 4-bit levels", m, None
+    yield "ADMM 90% + 4-bit levels", admm_levels(dense, 0.9), None
     s = structured(dense)
     m = agp(copy.deepcopy(s), 0.8)
     yield "channels 50% + AGP 80% + 4-bit k-means (Deep Compression)", m, kmeans_finetuned(m)
-    m = copy.deepcopy(s)
-    admm = ADMM(m, Intersection(Sparsity(0.8), Levels(bits=4)), rho=0.2, rho_growth=1.05,
-                update_interval=22)
-    admm_train(m, admm)
-    admm_finish(m, admm)
-    yield "channels 50% + ADMM 80% + 4-bit levels", m, None
+    yield "channels 50% + ADMM 80% + 4-bit levels", admm_levels(s, 0.8), None
     m = copy.deepcopy(s)
     jb = JointBudget(nnz_budget=0.2, bit_budget=4, min_bits=2, bits_until=20)
     admm = ADMM(m, {n: Sparsity(0.0) for n in LAYERS}, rho=0.2, rho_growth=1.05,

@@ -47,9 +47,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", help="example input shape, batch first, e.g. 1,3,224,224")
     p.add_argument("--weights", help="weights to load: .safetensors, or a state dict (.pt/.pth, "
                                      "read with weights_only=True)")
+    _output_flags(p)
+
+
+def _output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+SCHEMES = ("linear", "kmeans", "fixed_point", "naive", "dorefa")
+
+
+def _quantize_args(p: argparse.ArgumentParser, scheme: str, bits: int, schemes: tuple[str, ...],
+                   out: str) -> None:
+    """Model, masks and quantizer flags shared by ``quantize`` and ``encode``."""
+    _common(p)
+    p.add_argument("--masks", help="mask file to apply first")
+    p.add_argument("--scheme", default=scheme, choices=schemes)
+    p.add_argument("--bits", type=int, default=bits)
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs first")
+    p.add_argument("--out", default=out)
 
 
 # ---------------------------------------------------------------------- inspect
@@ -120,12 +138,9 @@ def _graph_json(graph: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------- prune
 def _read_config(path: str) -> Any:
     from .errors import ConfigError
+    from .io import read_file
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file '{path}': {e.strerror}.") from e
+    text = read_file(path, "config file", ConfigError, text=True)
     try:
         import yaml
 
@@ -456,8 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--seed", type=int)
     pp.add_argument("--exporter", choices=("auto", "dynamo", "legacy"))
     pp.add_argument("--out", default="out", help="output directory (default %(default)s)")
-    for flag in ("--json", "--quiet", "--debug"):
-        pp.add_argument(flag, action="store_true")
+    _output_flags(pp)
     pp.set_defaults(fn=cmd_prune)
 
     pe = sub.add_parser("export", help="export a model (optionally with masks) to ONNX")
@@ -474,8 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", action="append", required=True, help=".npy input (repeatable)")
     pr.add_argument("--output", help="write the first output to this .npy")
     pr.add_argument("--threads", type=int, default=None)
-    for flag in ("--json", "--quiet", "--debug"):
-        pr.add_argument(flag, action="store_true")
+    _output_flags(pr)
     pr.set_defaults(fn=cmd_run)
 
     pc = sub.add_parser("check", help="compare an ONNX model with its PyTorch source")
@@ -492,36 +505,23 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--threads", type=int, default=None)
     pb.add_argument("--runs", type=int, default=100)
     pb.add_argument("--warmup", type=int, default=10)
-    for flag in ("--json", "--quiet", "--debug"):
-        pb.add_argument(flag, action="store_true")
+    _output_flags(pb)
     pb.set_defaults(fn=cmd_bench)
 
     pq = sub.add_parser("quantize", help="quantize the weights; write them as safetensors")
-    _common(pq)
-    pq.add_argument("--masks", help="mask file to apply first")
-    pq.add_argument("--scheme", default="linear",
-                    choices=("linear", "kmeans", "fixed_point", "naive", "dorefa"))
-    pq.add_argument("--bits", type=int, default=8)
-    pq.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs first")
-    pq.add_argument("--out", default="quantized.safetensors")
+    _quantize_args(pq, "linear", 8, SCHEMES, "quantized.safetensors")
     pq.set_defaults(fn=cmd_quantize)
 
     pn = sub.add_parser("encode", help="quantize and code the weights (Deep Compression)")
-    _common(pn)
-    pn.add_argument("--masks", help="mask file to apply first")
-    pn.add_argument("--scheme", default="kmeans",
-                    choices=("kmeans", "linear", "fixed_point", "naive", "dorefa", "none"))
-    pn.add_argument("--bits", type=int, default=4)
+    _quantize_args(pn, "kmeans", 4, ("kmeans", "linear", "fixed_point", "naive", "dorefa", "none"),
+                   "model.gpc")
     pn.add_argument("--method", default="huffman", choices=("huffman", "linear", "fixed_point", "raw"))
-    pn.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs first")
-    pn.add_argument("--out", default="model.gpc")
     pn.set_defaults(fn=cmd_encode)
 
     pd = sub.add_parser("decode", help="decode a coded file to a safetensors state dict")
     pd.add_argument("coded")
     pd.add_argument("--out", default="weights.safetensors")
-    for flag in ("--json", "--quiet", "--debug"):
-        pd.add_argument(flag, action="store_true")
+    _output_flags(pd)
     pd.set_defaults(fn=cmd_decode)
     return p
 

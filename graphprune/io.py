@@ -1,4 +1,5 @@
-"""Atomic file writes: a failed write leaves nothing behind and never a half-written file."""
+"""Atomic file writes (a failed write leaves nothing behind and never a half-written file), and
+reading a user's file with an error that names it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,17 @@ from .errors import GraphPruneError
 
 class OutputError(GraphPruneError, OSError):
     """An output file or directory cannot be written."""
+
+
+def read_file(path: str | os.PathLike, what: str, error: type[GraphPruneError],
+              text: bool = False) -> str | bytes:
+    """The contents of ``path``; an unreadable file raises ``error`` naming ``what`` it was."""
+    path = os.fspath(path)
+    try:
+        with open(path, "r" if text else "rb", **({"encoding": "utf-8"} if text else {})) as f:
+            return f.read()
+    except OSError as e:
+        raise error(f"cannot read {what} '{path}': {e.strerror}.") from e
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from torch import nn
 from .errors import MaskFileError, PlanError
 from .graph import ChannelGraph, trace
 from ._safetensors import dumps
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, read_file
 from .plan import GroupPlan, Plan
 
 MASK_FORMAT = "graphprune.masks"
@@ -53,11 +53,7 @@ def read_safetensors(path: str | os.PathLike, what: str = "mask file"
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load a safetensors file with a clear error for pickles, truncation and corruption."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise MaskFileError(f"cannot read {what} '{path}': {e.strerror}.") from e
+    data = read_file(path, what, MaskFileError)
     if data[:2] == b"PK" or data[:1] == b"\x80":
         raise MaskFileError(f"{what} '{path}' is a pickle / torch.save archive, not safetensors. "
                             + _PICKLE_HINT)

@@ -7,7 +7,6 @@ the same architecture. The mask files are derived from it.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ._validate import check_fraction, check_int
+from .opmatch import op_matches
 from .errors import ConfigError, PlanError
 from .graph import ChannelGraph, Group
 from .io import atomic_write_text
@@ -103,11 +103,10 @@ class Plan:
     @classmethod
     def load(cls, path: str) -> Plan:
         """Read a plan written by ``save`` (or edited by hand)."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                return cls.from_json(f.read(), source=f"plan file '{path}'")
-        except OSError as e:
-            raise PlanError(f"cannot read plan file '{path}': {e.strerror}") from e
+        from .io import read_file
+
+        return cls.from_json(read_file(path, "plan file", PlanError, text=True),
+                             source=f"plan file '{path}'")
 
     # ------------------------------------------------------------------ views
     @property
@@ -206,13 +205,13 @@ class LayerConfig:
 
     def matches(self, group: Group, types: dict[str, str]) -> bool:
         mods = [m.module for m in group.sources] or group.modules
-        def type_ok(m: str) -> bool:
-            t = types.get(m, "")
-            return not self.op_types or t in self.op_types or (
-                "default" in self.op_types and (t.startswith("Conv") or t == "Linear"))
-        def name_ok(m: str) -> bool:
-            return not self.op_names or any(fnmatch.fnmatchcase(m, p) for p in self.op_names)
-        return any(type_ok(m) and name_ok(m) for m in mods)
+        return any(op_matches(m, types.get(m, ""), self.op_types or None, self.op_names,
+                              _conv_or_linear)
+                   for m in mods)
+
+
+def _conv_or_linear(type_name: str) -> bool:
+    return type_name.startswith("Conv") or type_name == "Linear"
 
 
 def _as_tuple(v: Any, name: str) -> tuple[str, ...]:

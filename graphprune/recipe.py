@@ -127,11 +127,9 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str) -> Recipe:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise ConfigError(f"cannot read recipe '{path}': {e.strerror}.") from e
+        from .io import read_file
+
+        text = read_file(path, "recipe", ConfigError, text=True)
         try:
             if path.endswith((".yaml", ".yml")):
                 import yaml

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, GraphPruneError
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, read_file
 from ..quantize.tensor import QuantizedTensor, dequantize
 from . import huffman
 
@@ -327,11 +327,7 @@ def _decode_tensor(e: dict[str, Any], data: bytes) -> torch.Tensor:
 def decode(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a coded file back into a state dict (quantized values restored bit-exactly)."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            blob = f.read()
-    except OSError as e:
-        raise CodingError(f"cannot read coded file '{path}': {e.strerror}.") from e
+    blob = read_file(path, "coded file", CodingError)
     if blob[: len(MAGIC) - 1] != MAGIC[:-1]:
         raise CodingError(f"'{path}' is not a graphprune coded file (bad magic bytes).")
     if blob[len(MAGIC) - 1] != MAGIC[-1]:

@@ -14,7 +14,6 @@ of its weights' gradients; ``freeze()`` writes the trained centroids back to the
 from __future__ import annotations
 
 import copy
-import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
+from ..opmatch import op_matches
 from .configs import QuantConfig, config_from
 from .schemes import quantize_tensor
 from .tensor import QuantizedTensor
@@ -145,10 +145,7 @@ def _resolve(model: nn.Module, config: Any) -> dict[str, QuantConfig]:
             names = e.get("op_names", [])
             cfg = None if e.get("exclude") else config_from(e.get("quant", e.get("quant_type")))
             for n, m in mods.items():
-                t = type(m).__name__
-                if not ((t in types) or ("default" in types and t in DEFAULT_TYPES)):
-                    continue
-                if names and not any(fnmatch.fnmatchcase(n, p) for p in names):
+                if not op_matches(n, type(m).__name__, types, names, DEFAULT_TYPES):
                     continue
                 matched = True
                 if cfg is None:

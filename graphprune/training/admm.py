@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..opmatch import op_matches
 
 
 class Projection:
@@ -164,12 +165,8 @@ def _resolve(model: nn.Module, constraints: Any) -> dict[str, Projection]:
             types = e.get("op_types", ["default"])
             names = e.get("op_names", [])
             for n, m in mods.items():
-                t = type(m).__name__
-                if not (t in types or ("default" in types and t in DEFAULT_TYPES)):
-                    continue
-                if names and not any(fnmatch.fnmatchcase(n, p) for p in names):
-                    continue
-                add(n, None if e.get("exclude") else e["projection"])
+                if op_matches(n, type(m).__name__, types, names, DEFAULT_TYPES):
+                    add(n, None if e.get("exclude") else e["projection"])
     else:
         raise ConfigError(f"ADMM: constraints must be a Projection, a dict or a list. Got "
                           f"{constraints!r}.")

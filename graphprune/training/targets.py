@@ -9,7 +9,6 @@ masked model is exactly the model ``finalize()`` shrinks physically.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from .._validate import check_choice, check_fraction
+from ..opmatch import op_matches
 from ..errors import ConfigError, did_you_mean
 
 GRANULARITIES = ("element", "kernel", "filter", "channel")
@@ -75,10 +75,7 @@ def resolve(model: nn.Module, config_list: Sequence[Mapping[str, Any]], *,
                 raise ConfigError(f"{owner}: the staged sparsities of entry {i} must not decrease. "
                                   f"Got {list(sp)}.")
         for n, m in mods.items():
-            t = type(m).__name__
-            if not ((t in types) or ("default" in types and t in DEFAULT_TYPES)):
-                continue
-            if names and not any(fnmatch.fnmatchcase(n, p) for p in names):
+            if not op_matches(n, type(m).__name__, types, names, DEFAULT_TYPES):
                 continue
             if getattr(m, "weight", None) is None:
                 continue
