@@ -70,7 +70,7 @@ def resnet18_table() -> None:
     print("| method | reconstruct | rel. error | cosine | seconds |")
     print("| --- | --- | ---: | ---: | ---: |")
     from graphprune.calibration import as_calibration
-    from graphprune.sequential import output_fidelity
+    from graphprune.datadriven.sequential import output_fidelity
 
     for method in ["l1", "fpgm", "taylor", "lasso", "greedy"]:
         for rec in (False, True):

@@ -15,7 +15,7 @@ from . import coding, deploy, quantize
 from .export import export_bundle, export_onnx
 from .fold import fold_batchnorm
 from .graph import ChannelGraph, Group, trace
-from .masks import apply_masks, load_masks, plan_from_masks, save_masks
+from .export.masks import apply_masks, load_masks, plan_from_masks, save_masks
 from .plan import GroupPlan, LayerConfig, Plan
 from .prune import PruneResult, make_plan, prune
 from .report import Report

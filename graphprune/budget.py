@@ -67,7 +67,7 @@ def plan_cost(graph: ChannelGraph, amounts: Mapping[str, int]) -> tuple[int, int
     ck = comp_keep_for(graph, plan)
     shapes = expected_shapes(graph, ck)
     sh = {name: s for (k, name), s in shapes.items() if k == 0}
-    macs = sum(node_macs(n, graph.builder.modules, sh, {}) for n in graph.traced[0].graph.nodes)
+    macs = sum(node_macs(n, graph.modules, sh, {}) for n in graph.traced[0].graph.nodes)
     kept = kept_indices(graph, ck)
     params = 0
     seen = set()

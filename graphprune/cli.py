@@ -112,9 +112,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     con.print(t)
     if len(graph.groups) > args.max_rows:
         con.print(f"... {len(graph.groups) - args.max_rows} more groups (--max-rows)")
-    if graph.builder.unsupported:
+    if graph.unsupported:
         con.print("ops without a channel rule (channels frozen): " + ", ".join(
-            f"{k} x{len(v)}" for k, v in graph.builder.unsupported.items()))
+            f"{k} x{len(v)}" for k, v in graph.unsupported.items()))
     if graph.tracer_reason:
         con.print(f"traced with {graph.tracer}: {graph.tracer_reason[:300]}")
     return 0
@@ -126,7 +126,7 @@ def _graph_json(graph: Any) -> dict[str, Any]:
         "tracer": graph.tracer,
         "tracer_reason": graph.tracer_reason,
         "opaque_modules": graph.leaves,
-        "unsupported_ops": {k: len(v) for k, v in graph.builder.unsupported.items()},
+        "unsupported_ops": {k: len(v) for k, v in graph.unsupported.items()},
         "groups": [{"name": g.name, "channels": g.size, "prunable": g.prunable,
                     "reason": g.reason, "value_coupled": g.value_coupled,
                     "members": [{"param": m.param, "dim": m.dim, "role": m.role,
@@ -252,7 +252,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def _model_with_masks(args: argparse.Namespace):
     model, x = _model_and_input(args)
     if getattr(args, "masks", None):
-        from .masks import apply_masks
+        from .export.masks import apply_masks
 
         model = apply_masks(model, args.masks, x)
     return model, x

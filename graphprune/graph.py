@@ -22,11 +22,11 @@ from torch import nn
 
 from .errors import GraphPruneError, TraceError
 from .rules import builtin  # noqa: F401  (registers the built-in rules)
-from .rules.builder import Builder, TInfo
+from .rules.elements import Builder, TInfo
 from .rules.common import (
     NO_RULE, empty_like_spec, freeze_inputs, freeze_size_deps, has_tensor, out_spec,
 )
-from .rules.modules import opaque
+from .rules.nn_modules import opaque
 from .rules.registry import describe_target, module_rule_for, rule_for
 from .trace import TensorSpec, Traced, export_trace, trace_model
 
@@ -132,6 +132,11 @@ class ChannelGraph:
         self.builder = b
         self.params = b.params
         self.aliases = b.aliases
+        self.modules: dict[str, nn.Module] = b.modules  # module path -> module (the model's own)
+        self.unsupported: dict[str, list[str]] = b.unsupported  # op -> nodes it froze
+        self.infos = b.infos  # fx node -> channel axes of its value
+        self.attr_sizes = b.attr_sizes  # (module path, attribute, node, dim) refreshed on apply
+        self.members = b.members  # every parameter slice the rules recorded
         self._finalize()
 
     # ------------------------------------------------------------------ construction

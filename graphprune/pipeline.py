@@ -73,7 +73,7 @@ def _train_default(model: nn.Module, data: Data, recipe: Recipe, log: Log) -> nn
     """Train (or load from the cache) the embedded default on its data."""
     from ._safetensors import dumps
     from .finetune import train
-    from .masks import read_safetensors
+    from .export.masks import read_safetensors
 
     key = hashlib.sha256(json.dumps([recipe.model.spec, recipe.model.train_epochs, recipe.seed,
                                      data.source, list(data.calib_x.shape),
@@ -127,7 +127,7 @@ def run(recipe: Recipe, out_dir: str, *, log: Log | None = None,
     from .export import export_onnx
     from .finetune import train
     from .io import atomic_write_text, staged_dir
-    from .masks import save_masks
+    from .export.masks import save_masks
     from .specs import load_model, load_weights
 
     from .io import check_writable

@@ -225,7 +225,7 @@ def _as_tuple(v: Any, name: str) -> tuple[str, ...]:
 def group_sparsities(graph: ChannelGraph, sparsity: float, config: Sequence[Any] | None,
                      ignore: Sequence[Any] = ()) -> dict[str, tuple[float, str | None]]:
     """Target sparsity per prunable group, and why a group is left alone (or None)."""
-    types = {n: type(m).__name__ for n, m in graph.builder.modules.items()}
+    types = {n: type(m).__name__ for n, m in graph.modules.items()}
     entries = [LayerConfig.from_any(e) for e in (config or [])]
     ignored_names, ignored_types = _split_ignore(graph, ignore)
     out: dict[str, tuple[float, str | None]] = {}
@@ -253,7 +253,7 @@ def group_sparsities(graph: ChannelGraph, sparsity: float, config: Sequence[Any]
 
 def _split_ignore(graph: ChannelGraph, ignore: Sequence[Any]) -> tuple[set[str], set[str]]:
     names, types = set(), set()
-    by_obj = {id(m): n for n, m in graph.builder.modules.items()}
+    by_obj = {id(m): n for n, m in graph.modules.items()}
     all_names = set(by_obj.values())
     for item in ignore or ():
         if isinstance(item, type):

@@ -170,7 +170,7 @@ def prune(model: nn.Module, example_inputs: Any, *, sparsity: float | None = Non
     if plan is not None:
         plan.validate(graph)
         if reconstruct:
-            from . import sequential as seq
+            from .datadriven import sequential as seq
 
             fixed = {n: len(gp.keep) for n, gp in plan.groups.items()}
             dd = seq.run(graph, calib, crit, fixed, reconstruct=True, sequential=sequential,
@@ -182,7 +182,7 @@ def prune(model: nn.Module, example_inputs: Any, *, sparsity: float | None = Non
                                   max_group_sparsity=max_group_sparsity, target_macs=target_macs,
                                   target_params=target_params)
         if crit.kind == "select" or reconstruct:
-            from . import sequential as seq
+            from .datadriven import sequential as seq
 
             dd = seq.run(graph, calib, crit, amounts, reconstruct=reconstruct,
                          sequential=sequential, seed=seed, meta=meta, progress=progress)
@@ -196,7 +196,7 @@ def prune(model: nn.Module, example_inputs: Any, *, sparsity: float | None = Non
     t3 = time.perf_counter()
     timings = {"trace": t1 - t0, "plan": t2 - t1, "apply": t3 - t2, **extra_t}
     if calib is not None:
-        from .sequential import output_fidelity
+        from .datadriven.sequential import output_fidelity
 
         fidelity["total"] = output_fidelity(graph.model, applied.model, calib)
     return PruneResult(applied.model, applied, plan, graph, timings, fidelity)
@@ -227,7 +227,7 @@ def make_plan(graph: ChannelGraph, *, sparsity: float = 0.5, method: str = "l1",
     meta = {"method": method, "sparsity": sparsity, "round_to": round_to, "seed": seed,
             "model": type(graph.model).__name__}
     if crit.kind == "select":
-        from . import sequential as seq
+        from .datadriven import sequential as seq
 
         return seq.run(graph, calib, crit, amounts, reconstruct=False, seed=seed, meta=meta).plan
     scores = {n: score_group(crit, graph.group(n), ctx)

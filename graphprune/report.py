@@ -185,7 +185,7 @@ def build_report(graph: ChannelGraph, new_model: nn.Module, plan: Any,
         bytes=(count_bytes(graph.model), count_bytes(new_model)),
         groups=groups, layers=layers, tracer=graph.tracer,
         tracer_reason=graph.tracer_reason, leaves=graph.leaves,
-        unsupported=dict(graph.builder.unsupported), timings=timings, settings=settings)
+        unsupported=dict(graph.unsupported), timings=timings, settings=settings)
 
 
 def graph_table(graph: ChannelGraph, max_rows: int = 60) -> str:
@@ -204,9 +204,9 @@ def graph_table(graph: ChannelGraph, max_rows: int = 60) -> str:
     head = (f"{type(graph.model).__name__}: {len(graph.groups)} groups, "
             f"{len(graph.prunable_groups)} prunable, traced with {graph.tracer}")
     extra = []
-    if graph.builder.unsupported:
+    if graph.unsupported:
         extra.append("ops without a channel rule (channels frozen): " + ", ".join(
-            f"{k} x{len(v)}" for k, v in graph.builder.unsupported.items()))
+            f"{k} x{len(v)}" for k, v in graph.unsupported.items()))
     if graph.leaves:
         extra.append("opaque modules: " + ", ".join(f"{k} ({v})" for k, v in graph.leaves.items()))
     if graph.tracer_reason:

@@ -87,7 +87,7 @@ def load_weights(model: nn.Module, path: str) -> None:
     if not os.path.isfile(path):
         raise InputError(f"weights file '{path}' does not exist.")
     if path.endswith(".safetensors"):
-        from .masks import read_safetensors
+        from .export.masks import read_safetensors
 
         sd, _ = read_safetensors(path, "weights file")
     else:

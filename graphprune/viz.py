@@ -9,7 +9,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from .rules.builder import TInfo
+from .rules.elements import TInfo
 
 
 def _axis_groups(graph: Any, axis: Any) -> list[str]:
@@ -33,14 +33,14 @@ def to_networkx(graph: Any) -> nx.DiGraph:
     (names of the groups whose channels live on the axis), ``prunable``.
     """
     G = nx.DiGraph()
-    b = graph.builder
+    infos = graph.infos
     t = graph.traced[0]
     prunable = {g.name for g in graph.prunable_groups}
     ids: dict[int, str] = {}  # id(Axis) -> networkx node
     axes_of: dict[str, list[str]] = {}
     for node in t.graph.nodes:
         mine = []
-        for inf in _infos(b.infos.get(node)):
+        for inf in _infos(infos.get(node)):
             for a in inf.axes:
                 nid = ids.get(id(a))
                 if nid is None:

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import ParityError, PlanError
 from ..graph import ChannelGraph
 from ..plan import Plan, comp_keep_for
-from ..rules.builder import TInfo
+from ..rules.elements import TInfo
 from ..rules.registry import resizer_for
 from .._modcopy import copy_tree, meta_args, share, to_meta
 from ..trace import (
@@ -91,13 +91,13 @@ def _shape_of(info: Any, spec: Any, elem_keep: np.ndarray) -> Any:
 def expected_shapes(graph: ChannelGraph, comp_keep: np.ndarray) -> dict[tuple[int, str], Any]:
     """(trace index, node name) -> the shape the node's value must have after pruning."""
     elem_keep = comp_keep[graph.comp]
-    b = graph.builder
+    infos = graph.infos
     out = {}
     for k, t in enumerate(graph.traced):
         for node in t.graph.nodes:
             spec = t.values.get(node)
             if spec is not None:
-                out[(k, node.name)] = _shape_of(b.infos.get(node), spec, elem_keep)
+                out[(k, node.name)] = _shape_of(infos.get(node), spec, elem_keep)
     return out
 
 
@@ -179,7 +179,7 @@ def _resize_modules(graph: ChannelGraph, mods: dict[str, nn.Module], shapes: dic
             fn(m, in_shape)
     # head counts / widths that user code passes to reshape as module attributes
     ks = {id(t.graph): k for k, t in enumerate(graph.traced)}
-    for path, attr, node, d in graph.builder.attr_sizes:
+    for path, attr, node, d in graph.attr_sizes:
         shape = shapes.get((ks.get(id(node.graph), 0), node.name))
         if isinstance(shape, tuple) and d < len(shape) and isinstance(shape[d], int):
             setattr(mods[path], attr, shape[d])

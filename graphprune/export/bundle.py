@@ -20,7 +20,7 @@ def export_bundle(out_dir: str | os.PathLike, model: nn.Module, example_inputs: 
                   calibrate_method: str = "minmax") -> dict[str, Any]:
     """Write the bundle for ``model`` (the pruned model of ``result``, a ``PruneResult``, whose
     masks, plan and report are saved too). Returns the report written to ``report.json``."""
-    from ..masks import save_masks
+    from .masks import save_masks
 
     rep: dict[str, Any] = dict(report or {})
     if result is not None:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import functional, functions, matmul
-from .builder import Builder, TInfo
+from . import functional_layers as functional, matmul, torch_ops as functions
+from .elements import Builder, TInfo
 from .common import keep_axes, out_spec, spatial
 from .registry import op_rule
 

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..trace import TensorSpec
-from .builder import Builder, TInfo
+from .elements import Builder, TInfo
 
 NO_RULE = "no channel rule for {op} (node '{node}')"
 

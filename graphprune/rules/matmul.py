@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .builder import Axis, Builder, TInfo
+from .elements import Axis, Builder, TInfo
 from .common import arg, out_spec
 from .registry import op_rule
 

@@ -127,7 +127,7 @@ class MaskPruner:
 
     def export_masks(self, path: str | os.PathLike) -> None:
         """Save the masks (safetensors, names of the model's state_dict)."""
-        from ..masks import save_masks
+        from ..export.masks import save_masks
 
         save_masks(self.masks, path)
 

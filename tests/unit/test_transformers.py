@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphprune as gp
-from graphprune.rules.transformer import PrunedMultiheadAttention
+from graphprune.rules.nn_attention import PrunedMultiheadAttention
 from models import Llama, LlamaConfig
 
 from ..conftest import masked_copy, rel_err

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .apply.reconstruct import refit
-from .calibration import Calibration
+from .reconstruct import refit
+from ..calibration import Calibration
 from .collect import Samples, sample_layers, supported
-from .cost import layer_of
-from .criteria import Criterion, ScoreContext, get_criterion, score_group
-from .criteria.datadriven import GroupStats, consumer_stats
-from .graph import ChannelGraph, Group
-from .plan import GroupPlan, Plan
+from ..cost import layer_of
+from ..criteria import Criterion, ScoreContext, get_criterion, score_group
+from .select import GroupStats, consumer_stats
+from ..graph import ChannelGraph, Group
+from ..plan import GroupPlan, Plan
 
 MEMORY_BUDGET = 256 << 20  # bytes of sampled activations held at once (documented default)
 ROWS_MAX = 2048  # samples per layer (positions x images)

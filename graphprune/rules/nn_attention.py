@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .builder import Builder, TInfo
+from .elements import Builder, TInfo
 from .common import out_spec
 from .registry import module_rule, resizer
 

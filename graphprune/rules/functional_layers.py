@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .builder import Builder, TInfo
+from .elements import Builder, TInfo
 from .common import arg, keep_axes, out_spec
 from .registry import op_rule
 

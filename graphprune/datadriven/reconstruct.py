@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..collect import Samples
+from .collect import Samples
 
 MAX_FEATURES = 4096  # per conv group; larger layers are left as they are (reported)
 RIDGE = 1e-5  # relative to the mean diagonal of X^T X (searched upwards when ill-posed)

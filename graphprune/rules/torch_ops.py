@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..trace import TensorSpec
-from .builder import Builder, TInfo
+from .elements import Builder, TInfo
 from .common import (
     arg, base_name, broadcast, concrete, empty_like_spec, keep_axes, movement, norm_dim, out_spec,
     reduce, spatial,

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import MaskFileError, PlanError
-from .graph import ChannelGraph, trace
-from ._safetensors import dumps
-from .io import atomic_write_bytes, read_file
-from .plan import GroupPlan, Plan
+from ..errors import MaskFileError, PlanError
+from ..graph import ChannelGraph, trace
+from .._safetensors import dumps
+from ..io import atomic_write_bytes, read_file
+from ..plan import GroupPlan, Plan
 
 MASK_FORMAT = "graphprune.masks"
 MASK_VERSION = "1"
@@ -139,7 +139,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | str | os.P
         >>> graphprune.save_masks(result.masks, "masks.safetensors")
         >>> small = graphprune.apply_masks(resnet18(), "masks.safetensors", torch.randn(1, 3, 224, 224))
     """
-    from .apply import apply_plan
+    from ..apply import apply_plan
 
     if isinstance(masks, (str, os.PathLike)):
         masks = load_masks(masks)

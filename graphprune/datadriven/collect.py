@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import Calibration
+from ..calibration import Calibration
 
 CONV = (nn.Conv1d, nn.Conv2d)
 

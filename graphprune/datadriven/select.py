@@ -1,8 +1,7 @@
-"""Data-driven criteria: ThiNet's greedy selection (Luo et al., ICCV 2017), LASSO channel
-selection (He et al., ICCV 2017), first-order Taylor importance (Molchanov et al., CVPR 2019)
-and network slimming's BatchNorm scale (Liu et al., ICCV 2017).
+"""Data-driven channel selection: ThiNet's greedy selection (Luo et al., ICCV 2017) and LASSO
+channel selection (He et al., ICCV 2017).
 
-The selection criteria work on ``GroupStats``: the Gram matrix of each unit's contribution to
+The selectors work on ``GroupStats``: the Gram matrix of each unit's contribution to
 its consumers' outputs, sampled on calibration data. For unit ``u`` and consumer ``j``,
 ``Z_u[s, o] = sum_{c in u, k} P_j[s, c, k] W_j[o, c, k]`` at sampled positions ``s`` and outputs
 ``o``; ``G = sum_j Z^T Z / ||t_j||^2`` and ``xy = sum_j Z^T t_j / ||t_j||^2`` where ``t_j`` is the
@@ -20,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..collect import Samples
+from ..criteria.registry import selector
 from ..graph import Group
-from .registry import ScoreContext, criterion, selector
+from .collect import Samples
 
 CHUNK_BYTES = 64 << 20  # working memory per contraction chunk
 MAX_OUTPUTS = 64  # output channels sampled per position for the Gram (ThiNet samples outputs)
@@ -130,73 +129,3 @@ def greedy(group: Group, stats: GroupStats, n_keep: int) -> tuple[np.ndarray, np
     score = np.full(U, float(U))
     score[order] = np.arange(len(order))  # removed earlier = less important
     return np.flatnonzero(~removed), score
-
-
-# ---------------------------------------------------------------------- data-based scores
-@criterion("bn_scale")
-def bn_scale(group: Group, ctx: ScoreContext) -> np.ndarray:
-    """|gamma| of the group's BatchNorm layers, summed (network slimming, Liu et al. ICCV 2017);
-    groups without a BatchNorm fall back to l1."""
-    total = np.zeros(group.size)
-    found = False
-    for m in group.members:
-        mod = ctx.graph.builder.modules.get(m.module) if ctx.graph is not None else None
-        if m.param.endswith(".weight") and isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            w = ctx.params[m.param].detach().abs().double().numpy()
-            total += np.bincount(m.unit, weights=w[m.index], minlength=group.size)
-            found = True
-    if not found:
-        from .magnitude import l1
-
-        return l1(group, ctx)
-    return total
-
-
-@criterion("taylor", needs_data=True)
-def taylor(group: Group, ctx: ScoreContext) -> np.ndarray:
-    """First-order Taylor importance (Molchanov et al., CVPR 2019): per calibration batch,
-    (sum over the channel's parameters of gradient x weight)^2, averaged over batches. The loss is
-    cross-entropy against the labels, or against the model's own predictions if there are none."""
-    per_batch = ctx.cache.get("taylor")
-    if per_batch is None:
-        per_batch = ctx.cache["taylor"] = _taylor_terms(ctx)
-    total = np.zeros(group.size)
-    for terms in per_batch:
-        unit_sum = np.zeros(group.size)
-        for m in group.members:
-            v = terms.get((m.param, m.dim)) if m.role != "in" else None  # the channel's own params
-            if v is not None:
-                unit_sum += np.bincount(m.unit, weights=v[m.index], minlength=group.size)
-        total += unit_sum ** 2
-    return total / max(1, len(per_batch))
-
-
-def _taylor_terms(ctx: ScoreContext) -> list[dict[tuple[str, int], np.ndarray]]:
-    """Per batch: for every (parameter, dim) member key, sum of grad*weight per index."""
-    import copy
-
-    graph = ctx.graph
-    model = copy.deepcopy(graph.model).eval()
-    params = dict(model.named_parameters())
-    keys = sorted({(m.param, m.dim) for m in graph.builder.members if m.param in params})
-    out = []
-    for xs, y in ctx.calibration:
-        model.zero_grad(set_to_none=True)
-        logits = model(*xs)
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
-        target = y if y is not None else logits.detach().argmax(-1)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 target.reshape(-1))
-        loss.backward()
-        terms = {}
-        for p, d in keys:
-            w = params[p]
-            if w.grad is None:
-                continue
-            gw = (w.grad * w).detach().double()
-            other = [i for i in range(gw.ndim) if i != d]
-            terms[(p, d)] = (gw.sum(dim=other) if other else gw).numpy()
-        out.append(terms)
-    return out
-

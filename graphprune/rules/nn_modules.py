@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .builder import Builder, TInfo
+from .elements import Builder, TInfo
 from .common import empty_like_spec, keep_axes, movement, out_spec, spatial
 from .registry import module_rule, resizer
 
@@ -308,7 +308,7 @@ def unflatten_module(b: Builder, node: fx.Node, m: nn.Unflatten) -> TInfo | None
 
 @module_rule(nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
 def shuffle_module(b: Builder, node: fx.Node, m: nn.Module) -> TInfo | None:
-    from .functions import channel_regroup
+    from .torch_ops import channel_regroup
 
     fn = {nn.PixelShuffle: F.pixel_shuffle, nn.PixelUnshuffle: F.pixel_unshuffle}.get(
         type(m), torch.channel_shuffle)
