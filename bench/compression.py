@@ -31,7 +31,7 @@ from graphprune.quantize import KMeans, quantize  # noqa: E402
 from graphprune.training import (  # noqa: E402
     ADMM, AGPPruner, Intersection, JointBudget, Levels, LotteryTicketPruner, Sparsity,
 )
-from models import digits_net  # noqa: E402
+from graphprune.models import digits_net  # noqa: E402
 
 XTR, YTR, XTE, YTE = digits()
 LAYERS = ("conv1", "conv2", "conv3", "fc")

@@ -32,7 +32,7 @@ def rss_gb() -> float:
 
 
 def build(layers: int):
-    from models import Llama, LlamaConfig
+    from graphprune.models import Llama, LlamaConfig
 
     cfg = LlamaConfig.llama_7b()
     cfg.n_layers = layers

@@ -35,7 +35,7 @@ METHODS = ["l1", "l2", "fpgm", "random", "bn_scale", "taylor", "lasso", "greedy"
 
 
 def digits_table(sparsities) -> None:
-    from models import digits_net
+    from graphprune.models import digits_net
 
     xtr, ytr, xte, yte = digits()
     torch.manual_seed(0)

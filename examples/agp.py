@@ -4,6 +4,8 @@
     python examples/agp.py
 """
 
+import os
+
 from _common import evaluate, train, trained_digits
 
 from graphprune.training import AGPPruner, masked_weights_are_zero
@@ -17,6 +19,7 @@ train(model, xtr, ytr, epochs=10, lr=1e-3, after_step=pruner.step)  # pruner.ste
 print(f"AGP 90%: accuracy {evaluate(model, xte, yte):.4f}, sparsity "
       f"{ {k: round(v, 3) for k, v in pruner.sparsity().items()} }, "
       f"masked weights exactly zero: {masked_weights_are_zero(pruner)}")
-pruner.export_masks("agp-masks.safetensors")
+os.makedirs("out", exist_ok=True)
+pruner.export_masks("out/agp-masks.safetensors")
 pruner.finalize()
-print("wrote agp-masks.safetensors")
+print("wrote out/agp-masks.safetensors")

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from graphprune.datasets import digits  # noqa: E402
 from graphprune.finetune import evaluate, train  # noqa: E402
 from graphprune.training import LotteryTicketPruner  # noqa: E402
-from models import digits_net  # noqa: E402
+from graphprune.models import digits_net  # noqa: E402
 
 torch.manual_seed(0)
 xtr, ytr, xte, yte = digits()

@@ -16,9 +16,9 @@ import graphprune as gp  # noqa: E402
 from graphprune.datasets import digits  # noqa: E402
 from graphprune.deploy import Session  # noqa: E402
 from graphprune.finetune import evaluate, train  # noqa: E402
-from models import digits_net  # noqa: E402
+from graphprune.models import digits_net  # noqa: E402
 
-out = sys.argv[1] if len(sys.argv) > 1 else "out-example"
+out = sys.argv[1] if len(sys.argv) > 1 else "out/example"
 torch.manual_seed(0)
 x_train, y_train, x_test, y_test = digits()
 model = train(digits_net(), x_train, y_train, epochs=12)

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import graphprune as gp  # noqa: E402
 from graphprune.datasets import digits  # noqa: E402
 from graphprune.finetune import evaluate, train  # noqa: E402
-from models import digits_net  # noqa: E402
+from graphprune.models import digits_net  # noqa: E402
 
 torch.manual_seed(0)
 x_train, y_train, x_test, y_test = digits()

@@ -15,16 +15,11 @@ from .errors import ConfigError, InputError, MaskFileError, did_you_mean
 
 
 def _zoo() -> dict[str, Any]:
-    """The reference models of the repository: ``models/`` in the working directory, or next to
-    the graphprune package (an editable install of this repository)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for d in (os.getcwd(), here):
-        if os.path.isfile(os.path.join(d, "models", "__init__.py")) and d not in sys.path:
-            sys.path.insert(0, d)
-    try:
-        return importlib.import_module("models").ZOO
-    except Exception:
-        return {}
+    """The reference models that ship with graphprune (``graphprune.models``, the repository's
+    ``models/``)."""
+    from . import models
+
+    return models.ZOO
 
 
 def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
@@ -39,7 +34,7 @@ def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
             return fn().eval(), tuple(shape)
         raise ConfigError(
             f"Unknown model '{spec}'. Use 'torchvision:NAME', 'timm:NAME', "
-            f"'package.module:callable' or one of: {', '.join(sorted(zoo)) or '(no models/ here)'}."
+            f"'package.module:callable' or one of: {', '.join(sorted(zoo))}."
             f"{did_you_mean(spec, zoo)}")
     if kind == "torchvision":
         try:

@@ -10,7 +10,7 @@ import os
 import torch
 
 import graphprune as gp
-from models import lenet5
+from graphprune.models import lenet5
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -135,7 +135,7 @@ def test_pruned_kmeans_digits_net_codes_30x_smaller_within_1_point(tmp_path):
 
     from graphprune.datasets import digits
     from graphprune.finetune import evaluate, train
-    from models import digits_net
+    from graphprune.models import digits_net
 
     xtr, ytr, xte, yte = digits()
     torch.manual_seed(0)

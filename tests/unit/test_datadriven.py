@@ -12,7 +12,7 @@ import graphprune as gp
 from graphprune.datasets import digits
 from graphprune.errors import ConfigError, InputError
 from graphprune.finetune import evaluate, train
-from models import digits_net, resnet20
+from graphprune.models import digits_net, resnet20
 
 from ..conftest import assert_same_state
 

@@ -11,7 +11,7 @@ import graphprune as gp
 from graphprune.errors import (
     ConfigError, ExportError, InputError, MaskFileError, PlanError, RegistryError, TraceError,
 )
-from models import lenet5, resnet20
+from graphprune.models import lenet5, resnet20
 
 from ..conftest import assert_mask_equivalent, assert_unchanged, snapshot
 

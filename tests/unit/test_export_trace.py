@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphprune as gp
-from models import resnet20
+from graphprune.models import resnet20
 
 from ..conftest import assert_mask_equivalent, assert_unchanged, healthy_init, rel_err, snapshot
 

@@ -15,7 +15,7 @@ from graphprune.export.int8 import optimized_op_counts
 def pruned_digits():
     from graphprune.datasets import digits
     from graphprune.finetune import train
-    from models import digits_net
+    from graphprune.models import digits_net
 
     xtr, ytr, xte, yte = digits()
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import graphprune as gp
-from models import lenet5, resnet20
+from graphprune.models import lenet5, resnet20
 
 from ..conftest import assert_same_state, assert_unchanged, healthy_init, snapshot
 from . import nets

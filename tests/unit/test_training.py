@@ -15,7 +15,7 @@ from graphprune.training import (
     LotteryTicketPruner, Projection, Sparsity, compression_report, distillation_loss,
     masked_weights_are_zero,
 )
-from models import digits_net
+from graphprune.models import digits_net
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.rules.nn_attention import PrunedMultiheadAttention
-from models import Llama, LlamaConfig
+from graphprune.models import Llama, LlamaConfig
 
 from ..conftest import masked_copy, rel_err
 

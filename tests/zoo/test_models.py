@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import graphprune as gp
-from models import ZOO
+from graphprune.models import ZOO
 
 from ..conftest import healthy_init
 from .common import check_prunes
@@ -22,7 +22,7 @@ def test_reference_models_prune(name, sparsity):
 
 
 def test_resnet_option_a_freezes_the_padded_stream_and_prunes_inside_blocks():
-    from models.resnet_cifar import resnet20
+    from graphprune.models.resnet_cifar import resnet20
 
     model = healthy_init(resnet20(shortcut="A").eval())
     x = torch.randn(2, 3, 32, 32)
