@@ -5,6 +5,7 @@ The flow: ``trace`` -> ``ChannelGraph`` (groups) -> scores -> ``Plan`` -> ``appl
 -> smaller model (+ masks) -> ``export_onnx``. ``prune`` runs it in one call.
 """
 
+from ._checks import checking, checks, set_checks
 from .apply import apply_plan
 from .criteria import criterion, list_criteria
 from .errors import (
@@ -14,7 +15,9 @@ from .errors import (
 from . import coding, deploy, quantize
 from .export import export_bundle, export_onnx
 from .fold import fold_batchnorm
-from .graph import ChannelGraph, Group, trace
+from .capture import trace
+from .config import PruneConfig
+from .graph import ChannelGraph, Group
 from .export.masks import apply_masks, load_masks, plan_from_masks, save_masks
 from .plan import GroupPlan, LayerConfig, Plan
 from .prune import PruneResult, make_plan, prune
@@ -34,11 +37,14 @@ __all__ = [
     "ParityError",
     "Plan",
     "PlanError",
+    "PruneConfig",
     "PruneResult",
     "Report",
     "TraceError",
     "apply_masks",
     "apply_plan",
+    "checking",
+    "checks",
     "coding",
     "criterion",
     "deploy",
@@ -52,5 +58,6 @@ __all__ = [
     "prune",
     "quantize",
     "save_masks",
+    "set_checks",
     "trace",
 ]

@@ -18,16 +18,16 @@ def check_fraction(value: Any, name: str, owner: str, *, allow_one: bool = False
         ok = 0.0 <= v <= 1.0 if allow_one else 0.0 <= v < 1.0
     if not ok:
         raise ConfigError(
-            f"The '{name}' parameter of {owner} must be a float in [0, {hi}. Got {value!r} instead."
-        )
+            f"The '{name}' parameter of {owner} must be a float in [0, {hi}. Got {value!r} instead.",
+            param=name)
     return float(value)
 
 
 def check_int(value: Any, name: str, owner: str, *, low: int = 0) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
         raise ConfigError(
-            f"The '{name}' parameter of {owner} must be an int >= {low}. Got {value!r} instead."
-        )
+            f"The '{name}' parameter of {owner} must be an int >= {low}. Got {value!r} instead.",
+            param=name)
     return int(value)
 
 
@@ -37,6 +37,6 @@ def check_choice(value: Any, name: str, owner: str, options: tuple[str, ...]) ->
 
         raise ConfigError(
             f"The '{name}' parameter of {owner} must be one of {', '.join(map(repr, options))}. "
-            f"Got {value!r} instead.{did_you_mean(str(value), options)}"
-        )
+            f"Got {value!r} instead.{did_you_mean(str(value), [str(o) for o in options])}",
+            param=name)
     return value

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .config import add_arguments
+
 
 DEFAULT_MODEL = "digits"
 
@@ -72,10 +74,10 @@ def _quantize_args(p: argparse.ArgumentParser, scheme: str, bits: int, schemes: 
 
 # ---------------------------------------------------------------------- inspect
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .graph import trace
+    from .capture import trace
 
     model, x = _model_and_input(args)
-    graph = trace(model, x, tracer=args.tracer)
+    graph = trace(model, x, tracer=args.tracer or "auto")
     if args.dot:
         from .io import atomic_write_text
 
@@ -136,74 +138,36 @@ def _graph_json(graph: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- prune
-def _read_config(path: str) -> Any:
-    from .errors import ConfigError
-    from .io import read_file
-
-    text = read_file(path, "config file", ConfigError, text=True)
-    try:
-        import yaml
-
-        return yaml.safe_load(text)
-    except Exception as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML/JSON: {e}") from e
-
-
 def _recipe_from_args(args: argparse.Namespace):
+    """The recipe file (or the default main job) with the flags given on top of it."""
+    from .config import given_options, resolve
     from .recipe import Recipe
     from .specs import parse_shape
 
-    if args.recipe:
-        r = Recipe.load(args.recipe)
-    else:
-        r = Recipe()
-    given = {k for k, v in vars(args).items() if v is not None and k in _PRUNE_FLAGS}
-    m, p = r.model, r.prune
-    if "model" in given:
-        m.spec = args.model
-    if "weights" in given:
-        m.weights = args.weights
-    if "input_shape" in given:
-        m.input_shape = list(parse_shape(args.input_shape))
-    if "data" in given:
+    r = Recipe.load(args.recipe) if args.recipe else Recipe()
+    if args.model is not None:
+        r.model.spec = args.model
+    if args.weights is not None:
+        r.model.weights = args.weights
+    if args.input_shape is not None:
+        r.model.input_shape = list(parse_shape(args.input_shape))
+    if args.data is not None:
         r.data.source = args.data
-    if "method" in given:
-        p.method = args.method
-    if "sparsity" in given:
-        p.sparsity, p.target_macs = args.sparsity, None
-    if "target_macs" in given:
-        p.target_macs, p.sparsity = args.target_macs, None
-    if args.no_reconstruct:
-        p.reconstruct = False
-    if "round_to" in given:
-        p.round_to = args.round_to
-    if "ignore" in given:
-        p.ignore = list(args.ignore)
-    if "config" in given:
-        p.config = _read_config(args.config)
-    if "plan" in given:
-        p.plan = args.plan
-    if "tracer" in given:
-        p.tracer = args.tracer
-    if "finetune_epochs" in given:
+    r.prune = resolve(r.prune, given_options(args))
+    if args.finetune_epochs is not None:
         r.finetune.epochs = args.finetune_epochs
-    if "quantize" in given:
+    if args.quantize is not None:
         r.quantize.mode = args.quantize
     if args.code:
         r.code.enabled = True
-    if "exporter" in given:
+    if args.exporter is not None:
         r.export.exporter = args.exporter
-    if "seed" in given:
+    if args.seed is not None:
         r.seed = args.seed
     if args.sensitivity:
         r.sensitivity = True
     r.validate()
     return r
-
-
-_PRUNE_FLAGS = {"model", "weights", "input_shape", "data", "method", "sparsity", "target_macs",
-                "round_to", "ignore", "config", "plan", "finetune_epochs", "quantize", "exporter",
-                "seed", "tracer"}
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -439,8 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--png", help="draw the channel graph to a PNG")
     pi.add_argument("--plan", help="colour the groups this plan.json prunes (red) in --png")
     pi.add_argument("--max-rows", type=int, default=80)
-    pi.add_argument("--tracer", choices=("auto", "fx", "export"), default="auto",
-                    help="graph capture: torch.fx, torch.export, or fx falling back to export")
+    add_arguments(pi, only=("tracer",))
     pi.set_defaults(fn=cmd_inspect)
 
     pp = sub.add_parser("prune", help="prune, fine-tune, quantize, export: the main job")
@@ -450,18 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--input-shape", help="example input shape, batch first, e.g. 1,3,224,224")
     pp.add_argument("--weights", help="weights to load: .safetensors, or a state dict (.pt/.pth, "
                                      "read with weights_only=True)")
-    pp.add_argument("--data", help="digits, photos (crops of scikit-learn's sample photos), "
-                                   "random, a .npz/.npy file or a folder of images")
-    pp.add_argument("--sparsity", type=float, help="fraction of channels removed per group (0.5)")
-    pp.add_argument("--target-macs", type=float, help="keep this fraction of the MACs instead")
-    pp.add_argument("--method", help="lasso (default), greedy, l1, l2, fpgm, taylor, bn_scale, random")
-    pp.add_argument("--no-reconstruct", action="store_true", help="skip least-squares refitting")
-    pp.add_argument("--round-to", type=int, help="keep channel counts a multiple of N")
-    pp.add_argument("--ignore", action="append", help="module path left alone (repeatable)")
-    pp.add_argument("--config", help="YAML/JSON config list (sparsity, op_types, op_names, exclude)")
-    pp.add_argument("--plan", help="apply this plan.json instead of choosing channels")
-    pp.add_argument("--tracer", choices=("auto", "fx", "export"),
-                    help="graph capture: torch.fx, torch.export, or fx falling back to export (auto)")
+    pp.add_argument("--data", help="digits (scikit-learn's 8x8 digits: a fixed stratified split, "
+                                   "standardised with the train split's statistics; --seed does "
+                                   "not change it), photos (crops of scikit-learn's sample "
+                                   "photos), random, a .npz/.npy file or a folder of images")
+    from .recipe import _main_job_prune
+
+    add_arguments(pp, shown=_main_job_prune())
     pp.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning (5)")
     pp.add_argument("--quantize", choices=("none", "int8"), help="ONNX precision (int8)")
     pp.add_argument("--code", action="store_true", help="also write model.gpc: 4-bit k-means + "
@@ -535,12 +493,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GraphPruneError as e:
         if args.debug:
             raise
-        msg = " ".join(str(e).split("\n")[0].split())
+        msg = " ".join(_cli_message(e).split("\n")[0].split())
         print(f"graphprune {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _cli_message(e: Exception) -> str:
+    """The library's message, naming the command-line option of the setting at fault."""
+    from .config import cli_message
+
+    msg = cli_message(e)
+    param = getattr(e, "param", None)
+    flag = "--" + param.replace("_", "-") if param else None
+    if flag and flag not in msg:
+        msg = f"{flag}: {msg}"
+    return msg
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ _CONV = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functi
          _aten.conv3d.default)
 _SDPA = (torch.nn.functional.scaled_dot_product_attention,
          _aten.scaled_dot_product_attention.default)
+_RNN_OPS = {getattr(getattr(_aten, op), ov): g for op, g in (("lstm", 4), ("gru", 3), ("rnn_tanh", 1),
+                                                              ("rnn_relu", 1)) for ov in ("input", "data")}
+_CELL_OPS = {_aten.lstm_cell.default: 4, _aten.gru_cell.default: 3, _aten.rnn_tanh_cell.default: 1,
+             _aten.rnn_relu_cell.default: 1}
 
 
 def count_params(model: nn.Module) -> int:
@@ -71,6 +75,21 @@ def _mha_macs(m: nn.MultiheadAttention, q: tuple, k: tuple) -> int:
     return batch * (lq * e * e + lk * kd * e + lk * vd * e + 2 * lq * lk * e + lq * e * e)
 
 
+def _rnn_macs(gates: int, layers: int, dirs: int, x: Any, y: Any, h_n: Any, hidden: Any) -> int:
+    """Input and recurrent gate products of every layer and direction at every step, plus the
+    projection of an LSTM with ``proj_size``: steps * sum_k dirs * (gates*H*(in_k + O) [+ O*H])."""
+    if isinstance(x, tuple) and x and isinstance(x[0], tuple):  # PackedSequence: its .data
+        x, y = x[0], y[0]
+    if not all(isinstance(s, tuple) and s and isinstance(s[-1], int) for s in (x, y, h_n, hidden)):
+        return 0
+    o, h = h_n[-1], hidden[-1]
+    per = 0
+    for k in range(layers):
+        fin = x[-1] if k == 0 else dirs * o
+        per += dirs * (gates * h * (fin + o) + (o * h if o != h else 0))
+    return _numel(y) // y[-1] * per
+
+
 def node_macs(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, Any],
               params: dict[str, torch.Tensor]) -> int:
     """MACs of one node given the shapes of the values (node name -> shape)."""
@@ -92,6 +111,15 @@ def node_macs(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, An
             return _numel(out) * m.in1_features * m.in2_features
         if isinstance(m, nn.MultiheadAttention) and len(node.args) >= 2:
             return _mha_macs(m, x, shp(node.args[1]) or x)
+        if isinstance(m, nn.RNNBase) and isinstance(out, tuple) and len(out) == 2:
+            lstm = m.mode == "LSTM"
+            h_n = out[1][0] if lstm else out[1]
+            return _rnn_macs({"LSTM": 4, "GRU": 3}.get(m.mode, 1), m.num_layers,
+                             2 if m.bidirectional else 1, x, out[0], h_n, out[1][1] if lstm else h_n)
+        if isinstance(m, nn.RNNCellBase) and out is not None:
+            h = out[0] if isinstance(m, nn.LSTMCell) else out
+            g = m.weight_ih.shape[0] // m.hidden_size
+            return _rnn_macs(g, 1, 1, x, h, h, h)
         return 0
     if node.op in ("call_function", "call_method"):
         t = node.target
@@ -112,6 +140,14 @@ def node_macs(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, An
             ws = shp(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
             if isinstance(ws, tuple):
                 return _numel(out) * math.prod(ws[1:])
+        if t in _RNN_OPS and isinstance(out, tuple) and len(out) >= 2:
+            packed = t._overloadname == "data"
+            layers, bidi = node.args[5:9:3] if packed else node.args[4:8:3]
+            return _rnn_macs(_RNN_OPS[t], layers, 2 if bidi else 1, shp(node.args[0]), out[0],
+                             out[1], out[2] if len(out) > 2 else out[1])
+        if t in _CELL_OPS and out is not None:
+            h = out[0] if isinstance(out, tuple) and out and isinstance(out[0], tuple) else out
+            return _rnn_macs(_CELL_OPS[t], 1, 1, shp(node.args[0]), h, h, h)
         if t in _SDPA:
             q, k = shp(node.args[0]), shp(node.args[1])
             if isinstance(q, tuple) and isinstance(k, tuple):

@@ -73,8 +73,8 @@ def load_data(spec: str, input_shape: tuple[int, ...] | None = None, *, max_item
         xtr, ytr, xte, yte = digits()
         return xtr, ytr, xte, yte
     if not os.path.exists(spec):
-        raise InputError(f"--data '{spec}' does not exist (expected 'digits', a .npz/.npy file or a "
-                         "folder of images).")
+        raise InputError(f"The data source '{spec}' does not exist (expected 'digits', a .npz/.npy "
+                         "file or a folder of images).", param="data")
     if os.path.isdir(spec):
         x, y = _image_folder(spec, input_shape, max_items)
     elif spec.endswith(".npz"):
@@ -98,9 +98,11 @@ def load_data(spec: str, input_shape: tuple[int, ...] | None = None, *, max_item
         except Exception as e:
             raise InputError(f"cannot read '{spec}' as .npy: {e}") from e
     else:
-        raise InputError(f"--data '{spec}': expected 'digits', a .npz/.npy file or a folder.")
+        raise InputError(f"The data source '{spec}' is not 'digits', a .npz/.npy file or a folder.",
+                         param="data")
     if x.shape[0] < 2:
-        raise InputError(f"--data '{spec}' holds {x.shape[0]} sample(s); at least 2 are needed.")
+        raise InputError(f"The data source '{spec}' holds {x.shape[0]} sample(s); at least 2 are "
+                         "needed.", param="data")
     cut = max(1, int(0.8 * x.shape[0]))
     return x[:cut], None if y is None else y[:cut], x[cut:], None if y is None else y[cut:]
 
@@ -117,7 +119,8 @@ def _image_folder(path: str, input_shape: tuple[int, ...] | None, max_items: int
     from .errors import InputError
 
     if input_shape is None or len(input_shape) != 4:
-        raise InputError("a folder of images needs --input-shape N,C,H,W to size the images.")
+        raise InputError("A folder of images needs the model's input shape (N, C, H, W) to size the "
+                         "images.", param="input_shape")
     _, c, h, w = input_shape
     try:
         entries = sorted(os.listdir(path))

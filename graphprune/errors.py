@@ -12,7 +12,12 @@ from collections.abc import Iterable
 
 
 class GraphPruneError(Exception):
-    """Base class of every error graphprune raises on purpose."""
+    """Base class of every error graphprune raises on purpose. ``param`` names the setting at
+    fault when there is one (the command line maps it to its option)."""
+
+    def __init__(self, message: str = "", *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ConfigError(GraphPruneError, ValueError):

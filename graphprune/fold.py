@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .cost import layer_of
-from .graph import trace
+from .capture import trace
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 

@@ -1,39 +1,28 @@
-"""Stage 2 of the flow: traced model -> ChannelGraph of coupled channel groups.
+"""Stage 2 of the flow, the value: a ``ChannelGraph`` of coupled channel groups.
 
-The channel rules run over every node of the fx graph and state which channel elements must be
-removed together. Connected components of that relation are *units* (usually one channel);
-units that touch exactly the same tensors form a *group* (the channels of one conv and its
-BatchNorm and consumers; one slice of a concat; the residual stream of a stage).
+Every channel axis of every traced tensor is a range of integer *elements*; the channel rules
+(``rules/``) state which elements must be removed together, and ``grouping`` turns that relation
+into *units* (connected components, usually one channel) and *groups* (units that touch exactly
+the same tensors: the channels of one conv, its BatchNorm and consumers; one slice of a concat;
+the residual stream of a stage). A ``ChannelGraph`` is built once and not mutated afterwards:
+freezing groups (the export probe, a caller's decision) returns a new graph.
+
+How a model is captured (torch.fx, torch.export, the probe) lives in ``capture``; how elements
+become groups, in ``grouping``.
 """
 
 from __future__ import annotations
 
-import os
-from collections import defaultdict
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
-import torch.fx as fx
-from scipy.sparse.csgraph import connected_components
 from torch import nn
 
-from .errors import GraphPruneError, TraceError
-from .rules import builtin  # noqa: F401  (registers the built-in rules)
-from .rules.elements import Builder, TInfo
-from .rules.common import (
-    NO_RULE, empty_like_spec, freeze_inputs, freeze_size_deps, has_tensor, out_spec,
-)
-from .rules.nn_modules import opaque
-from .rules.registry import describe_target, module_rule_for, rule_for
-from .trace import TensorSpec, Traced, export_trace, trace_model
-
-STRICT = os.environ.get("GRAPHPRUNE_STRICT", "") not in ("", "0")
-# ops whose size arguments the movement rules check themselves
-SIZE_AWARE = {"view", "reshape", "expand", "unflatten", "repeat", "chunk", "split"}
-SIZE_AWARE_FNS = {torch.reshape, torch.unflatten, torch.chunk, torch.split}
+from .trace import Traced
 
 
 @dataclass
@@ -68,7 +57,7 @@ class GroupMember:
         return f"{self.param}[{tag}]" if tag else self.param
 
 
-@dataclass
+@dataclass(frozen=True)
 class Group:
     """Channels that are removed together. ``size`` is the number of removable units."""
 
@@ -103,22 +92,33 @@ class Group:
         return head + (": " + " => ".join(parts) if parts else "")
 
 
-def param_table(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Canonical name -> tensor for every parameter/buffer, and every name -> canonical name."""
-    params: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    first: dict[int, str] = {}
-    named = list(model.named_parameters(remove_duplicate=False))
-    named += [(n, b) for n, b in model.named_buffers(remove_duplicate=False) if b is not None]
-    for name, t in named:
-        canon = first.setdefault(id(t), name)
-        aliases[name] = canon
-        params.setdefault(canon, t)
-    return params, aliases
+@dataclass(frozen=True)
+class ElementIndex:
+    """The element space after grouping, in flat arrays (what plans and apply need).
+
+    ``comp[e]`` is the unit (component) of element ``e``; ``comp_group`` / ``comp_unit`` give the
+    group and the unit's index in it (-1 for components that produce no channel); the member
+    arrays list, for every parameter slice, element -> (``member_keys[m_key]``, ``m_index``).
+    """
+
+    comp: np.ndarray
+    ncomp: int
+    comp_group: np.ndarray
+    comp_unit: np.ndarray
+    member_keys: list[tuple[str, int]]
+    m_elems: np.ndarray
+    m_index: np.ndarray
+    m_key: np.ndarray
 
 
 class ChannelGraph:
-    """The channel-dependency graph of a model.
+    """The channel-dependency graph of a model (a value: built by ``graphprune.trace``).
+
+    Attributes: ``model`` (the caller's model, never modified), ``groups`` (every ``Group``),
+    ``params`` (canonical parameter/buffer name -> tensor), ``aliases`` (every state_dict name ->
+    canonical name), ``modules`` (path -> module), ``traced`` (the captured fx graph(s) with every
+    value's shape), ``infos`` (fx node -> its channel axes), ``unsupported`` (op -> the nodes it
+    froze), ``tracer`` / ``tracer_reason``.
 
     Example:
         >>> g = graphprune.trace(model, torch.randn(1, 3, 32, 32))
@@ -126,125 +126,54 @@ class ChannelGraph:
         >>> print(g.groups[0])   # Group 'conv1' (16 channels, prunable): conv1.weight[out] => ...
     """
 
-    def __init__(self, model: nn.Module, traced: list[Traced], b: Builder):
+    def __init__(self, model: nn.Module, traced: list[Traced], groups: list[Group], *,
+                 params: dict[str, torch.Tensor], aliases: dict[str, str],
+                 modules: dict[str, nn.Module], index: ElementIndex, infos: Mapping[Any, Any],
+                 attr_sizes: list[tuple[str, str, Any, int]], members: list[Any],
+                 unsupported: dict[str, list[str]]):
         self.model = model
         self.traced = traced
-        self.builder = b
-        self.params = b.params
-        self.aliases = b.aliases
-        self.modules: dict[str, nn.Module] = b.modules  # module path -> module (the model's own)
-        self.unsupported: dict[str, list[str]] = b.unsupported  # op -> nodes it froze
-        self.infos = b.infos  # fx node -> channel axes of its value
-        self.attr_sizes = b.attr_sizes  # (module path, attribute, node, dim) refreshed on apply
-        self.members = b.members  # every parameter slice the rules recorded
-        self._finalize()
-
-    # ------------------------------------------------------------------ construction
-    def _tie_members(self) -> None:
-        """Elements that remove the same index of the same parameter are one unit (weight tying,
-        a module called twice, the same local index of every conv group)."""
-        b = self.builder
-        by_key: dict[tuple[str, int], list[Any]] = defaultdict(list)
-        for m in b.members:
-            by_key[(m.param, m.dim)].append(m)
-        for ms in by_key.values():
-            e = np.concatenate([m.elems for m in ms])
-            i = np.concatenate([m.index for m in ms])
-            order = np.argsort(i, kind="stable")
-            e, i = e[order], i[order]
-            same = i[1:] == i[:-1]
-            b.couple(e[:-1][same], e[1:][same])
-
-    def _finalize(self) -> None:
-        b = self.builder
-        self._tie_members()
-        n = b.n
-        ea, eb = b.edges()
-        adj = sp.coo_matrix((np.ones(ea.size, dtype=np.int8), (ea, eb)), shape=(n, n))
-        ncomp, comp = connected_components(adj, directed=False)
-        self.comp = comp
-        self.ncomp = ncomp
-        fe, fr = b.frozen()
-        reason = np.full(ncomp, -1, dtype=np.int64)
-        reason[comp[fe[::-1]]] = fr[::-1]  # the first reason recorded wins
-        is_src = np.zeros(ncomp, dtype=bool)
-        is_src[comp[b.sources()]] = True
-        vc = np.full(ncomp, -1, dtype=np.int64)
-        self._vc_reasons = []
-        for e, why in b.value_coupled:
-            vc[comp[e]] = len(self._vc_reasons)
-            self._vc_reasons.append(why)
-        # signature of a unit = the set of axes it touches (+ whether it is frozen)
-        bases = np.array([a.base for a in b.axes], dtype=np.int64)
-        elem_axis = np.searchsorted(bases, np.arange(n), side="right") - 1
-        keep = is_src[comp]
-        pairs = np.unique(comp[keep].astype(np.int64) * len(b.axes) + elem_axis[keep])
-        pc, pa = pairs // len(b.axes), pairs % len(b.axes)
-        rnd = np.random.default_rng(0).integers(1, 2**63 - 1, size=len(b.axes), dtype=np.int64)
-        h = np.zeros(ncomp, dtype=np.int64)
-        np.add.at(h, pc, rnd[pa])
-        h = np.where(reason >= 0, h ^ 0x5BD1E995, h)
-        src_comps = np.flatnonzero(is_src)  # component labels follow first element order
-        uh, first, inv = np.unique(h[src_comps], return_index=True, return_inverse=True)
-        order = np.argsort(first, kind="stable")
-        rank = np.empty_like(order)
-        rank[order] = np.arange(order.size)
-        gid = rank[inv]
-        comp_group = np.full(ncomp, -1, dtype=np.int64)
-        comp_unit = np.full(ncomp, -1, dtype=np.int64)
-        comp_group[src_comps] = gid
-        counts = np.zeros(order.size, dtype=np.int64)
-        for_units = np.argsort(gid, kind="stable")
-        sorted_g = gid[for_units]
-        starts = np.searchsorted(sorted_g, np.arange(order.size))
-        comp_unit[src_comps[for_units]] = np.arange(for_units.size) - starts[sorted_g]
-        np.add.at(counts, gid, 1)
-        self.comp_group, self.comp_unit = comp_group, comp_unit
-        # members per group
-        per_group: list[list[GroupMember]] = [[] for _ in range(order.size)]
-        for m in b.members:
-            c = comp[m.elems]
-            g = comp_group[c]
-            if not g.size or g.max() < 0:
-                continue
-            if g.min() == g.max():  # the usual case: the whole member is in one group
-                per_group[g[0]].append(GroupMember(m.param, m.dim, m.role, m.module,
-                                                   comp_unit[c], m.index, m.pos))
-                continue
-            for gg in np.unique(g[g >= 0]):
-                s = g == gg
-                per_group[gg].append(GroupMember(m.param, m.dim, m.role, m.module,
-                                                 comp_unit[c[s]], m.index[s], m.pos[s]))
-        # all members flattened, for applying plans in one vectorised pass
-        keys: dict[tuple[str, int], int] = {}
-        kid = [keys.setdefault((m.param, m.dim), len(keys)) for m in b.members]
-        self.member_keys = list(keys)
-        if b.members:
-            self.m_elems = np.concatenate([m.elems for m in b.members])
-            self.m_index = np.concatenate([m.index for m in b.members])
-            self.m_key = np.repeat(np.asarray(kid, dtype=np.int64), [m.elems.size for m in b.members])
-        else:
-            self.m_elems = self.m_index = self.m_key = np.zeros(0, dtype=np.int64)
-        groups: list[Group] = []
-        used: dict[str, int] = {}
-        comps_by_group = np.split(src_comps[for_units], starts[1:])
-        for k in range(order.size):
-            comps = comps_by_group[k]
-            members = per_group[k]
-            outs = [m for m in members if m.role == "out"]
-            base = outs[0].module if outs else (members[0].param if members else f"group{k}")
-            used[base] = used.get(base, 0) + 1
-            name = base if used[base] == 1 else f"{base}#{used[base]}"
-            r = reason[comps[0]]
-            v = vc[comps]
-            groups.append(Group(
-                id=k, name=name, size=int(counts[k]), prunable=bool(r < 0 and counts[k] > 1),
-                reason=(b.reasons[r] if r >= 0 else ("a single channel" if counts[k] <= 1 else None)),
-                members=members, comps=comps,
-                value_coupled=self._vc_reasons[v.max()] if (v >= 0).any() else None,
-            ))
         self.groups = groups
+        self.params = params
+        self.aliases = aliases
+        self.modules = modules  # module path -> module (the model's own)
+        self.index = index
+        self.infos = infos  # fx node -> channel axes of its value
+        self.attr_sizes = attr_sizes  # (module path, attribute, node, dim) refreshed on apply
+        self.members = members  # every parameter slice the rules recorded
+        self.unsupported = unsupported  # op -> nodes it froze
         self._by_name = {g.name: g for g in groups}
+
+    # the flat element arrays, under their historical names
+    comp = property(lambda self: self.index.comp)
+    ncomp = property(lambda self: self.index.ncomp)
+    comp_group = property(lambda self: self.index.comp_group)
+    comp_unit = property(lambda self: self.index.comp_unit)
+    member_keys = property(lambda self: self.index.member_keys)
+    m_elems = property(lambda self: self.index.m_elems)
+    m_index = property(lambda self: self.index.m_index)
+    m_key = property(lambda self: self.index.m_key)
+
+    def with_frozen(self, reasons: Mapping[str, str]) -> ChannelGraph:
+        """A new graph in which the named groups are frozen with the given reasons.
+
+        Example:
+            >>> g2 = g.with_frozen({"layer1.0.conv1": "kept for accuracy"})
+        """
+        if not reasons:
+            return self
+        unknown = [n for n in reasons if n not in self._by_name]
+        if unknown:
+            from .errors import unknown_name
+
+            raise unknown_name("group", unknown[0], self._by_name)
+        groups = [dataclasses.replace(g, prunable=False, reason=reasons[g.name])
+                  if g.name in reasons else g for g in self.groups]
+        new = object.__new__(ChannelGraph)
+        new.__dict__.update(self.__dict__)
+        new.groups = groups
+        new._by_name = {g.name: g for g in groups}
+        return new
 
     # ------------------------------------------------------------------ queries
     def group(self, name: str) -> Group:
@@ -280,10 +209,6 @@ class ChannelGraph:
     def prunable_channels(self) -> int:
         return sum(g.size for g in self.prunable_groups)
 
-    def unit_keep_elements(self, comp_keep: np.ndarray) -> np.ndarray:
-        """Per element: kept (True) or removed, given a keep flag per component."""
-        return comp_keep[self.comp]
-
     def summary(self, max_rows: int = 60) -> str:
         """A text table of the groups: name, channels, prunable / why not, members."""
         from .report import graph_table
@@ -308,204 +233,15 @@ class ChannelGraph:
                 f"{len(self.prunable_groups)} prunable)")
 
 
-# ---------------------------------------------------------------------- driver
-def _get_attr(b: Builder, node: fx.Node, name: str | None = None) -> Any:
-    """Axes of a parameter or buffer read in the graph (``get_attr``, or an export placeholder)."""
-    spec = out_spec(b, node)
-    if not isinstance(spec, TensorSpec):
-        return empty_like_spec(spec)
-    name = name or node.target
-    b.param_nodes[node] = name
-    out = TInfo(spec.shape)
-    if name not in b.aliases:
-        return out
-    owner = name.rpartition(".")[0]
-    for d, s in enumerate(spec.shape):
-        if s > 1:
-            a = b.new_axis(node.name, (d,), (s,))
-            b.member(name, d, a.elems(), role="param", module=owner)
-            out.axes.append(a)
-    return out
-
-
-def _check(info: Any, spec: Any) -> bool:
-    if isinstance(spec, TensorSpec):
-        if info is None:
-            return True
-        if not isinstance(info, TInfo) or info.shape != spec.shape:
-            return False
-        return all(tuple(spec.shape[d] for d in a.dims) == a.sizes for a in info.axes)
-    if isinstance(spec, (list, tuple)) and not isinstance(spec, torch.Size):
-        if info is None:
-            return True
-        if not isinstance(info, (list, tuple)) or len(info) != len(spec):
-            return False
-        return all(_check(i, s) for i, s in zip(info, spec))
-    return True
-
-
-def _run_node(b: Builder, node: fx.Node, t: Traced) -> None:
-    spec = b.values.get(node)
-    if node.op == "placeholder":
-        fqn = t.params.get(node.name)
-        b.infos[node] = _get_attr(b, node, fqn) if fqn else empty_like_spec(spec)
-        return
-    if node.op == "get_attr":
-        b.infos[node] = _get_attr(b, node)
-        return
-    if node.op == "output":
-        b.freeze_info(b.infos.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None,
-                      "model output")
-        for n in _nodes_in(node.args[0]):
-            b.freeze_info(b.infos.get(n), "model output")
-        return
-    if node.op == "call_function" and isinstance(node.target, type) and issubclass(
-            node.target, tuple):  # a namedtuple of outputs: channels pass through unchanged
-        b.infos[node] = tuple(b.infos.get(a) if isinstance(a, fx.Node) else None
-                              for a in (*node.args, *node.kwargs.values()))
-        return
-    rule, module = rule_for(node, b.modules)
-    if has_tensor(spec) and not (node.op == "call_method" and node.target in SIZE_AWARE) and \
-            not (node.op == "call_function" and node.target in SIZE_AWARE_FNS):
-        # a channel count flowing into an op that does not follow it (zeros(B, C), a reshape of
-        # an opaque tensor...) would stay stale after pruning: freeze that channel
-        freeze_size_deps(b, node, [a for a in node.all_input_nodes
-                                   if not isinstance(b.values.get(a), TensorSpec)],
-                         f"its size feeds {describe_target(node, b.modules)} at node '{node.name}'")
-    if node.op == "call_module" and node.target in t.leaves:
-        if module_rule_for(module) is None:
-            freeze_inputs(b, node, f"module '{node.target}' could not be traced "
-                                   f"({t.leaves[node.target]})")
-            b.infos[node] = opaque(b, node, module)
-            return
-    if rule is None:
-        if has_tensor(spec):
-            op = describe_target(node, b.modules)
-            reason = NO_RULE.format(op=op, node=node.name)
-            freeze_inputs(b, node, reason)
-            b.unsupported.setdefault(op, []).append(node.name)
-        b.infos[node] = empty_like_spec(spec)
-        return
-    try:
-        info = rule(b, node, module)
-        if not _check(info, spec):
-            raise GraphPruneError(f"rule produced {info!r} for value {spec!r}")
-    except Exception as e:
-        op = describe_target(node, b.modules)
-        if STRICT:
-            raise GraphPruneError(
-                f"internal: the channel rule for {op} failed at node '{node.name}' "
-                f"({node.format_node()}): {e}") from e
-        reason = f"the channel rule for {op} failed at node '{node.name}': {e}"
-        freeze_inputs(b, node, reason)
-        b.unsupported.setdefault(op, []).append(node.name)
-        info = empty_like_spec(spec)
-    b.infos[node] = info
-
-
-def _nodes_in(a: Any) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    fx.node.map_arg(a, lambda n: found.append(n) or n)
-    return found
-
-
-def build_graph(model: nn.Module, traced: list[Traced]) -> ChannelGraph:
-    """Run the channel rules over one or more traces of ``model`` and group the channels."""
-    params, aliases = param_table(model)
-    b = Builder(params, aliases)
-    b.modules = dict(model.named_modules(remove_duplicate=False))
-    for k, t in enumerate(traced):
-        b.prefix = "" if k == 0 else f"{t.mode}:"
-        b.values.update(t.values)
-        for node in t.graph.nodes:
-            _run_node(b, node, t)
-    return ChannelGraph(model, traced, b)
-
-
-def _unreached(model: nn.Module, traced: Traced) -> list[str]:
-    """Modules with parameters that the trace never calls (nor any ancestor) nor reads."""
-    used: set[str] = set()
-    for node in traced.graph.nodes:
-        if node.op == "call_module":
-            used.add(node.target)
-        elif node.op == "get_attr":
-            used.add(node.target.rpartition(".")[0])
-    out = []
-    for name, m in model.named_modules():
-        if m._parameters and any(p is not None for p in m._parameters.values()):
-            parts = name.split(".")
-            if not any(".".join(parts[:i]) in used for i in range(1, len(parts) + 1)):
-                out.append(name)
-    return out
-
-
-TRACERS = ("auto", "fx", "export")
-
-
-def _frozen_leaves(model: nn.Module, t: Traced) -> list[str]:
-    """Opaque fx leaves with parameters and no module rule: their channels would be frozen."""
-    mods = dict(model.named_modules())
-    return [p for p in t.leaves if p in mods and module_rule_for(mods[p]) is None
-            and any(True for _ in mods[p].parameters())]
-
-
-def _export_graph(model: nn.Module, example_inputs: Any, why: str) -> ChannelGraph:
-    from .probe import probe_export_graph
-
-    g = build_graph(model, [export_trace(model, example_inputs, why=why)])
-    probe_export_graph(g)
-    return g
-
-
-def trace(model: nn.Module, example_inputs: Any, *, tracer: str = "auto") -> ChannelGraph:
-    """Trace ``model`` into its channel-dependency graph.
-
-    ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs
-    (batch first). The model is traced in eval mode; if some of its parameterised modules run only
-    in training mode (an auxiliary classifier), the training graph is traced too and both are
-    honoured. The model itself is not modified.
-
-    ``tracer``: ``"fx"`` (torch.fx symbolic tracing; module-level graph), ``"export"``
-    (``torch.export``; ATen-level graph, follows shape-dependent Python control flow on the example
-    inputs) or ``"auto"`` (fx, falling back to torch.export when fx cannot trace the model's own
-    forward, or when modules fx could not trace would freeze channels that torch.export can see
-    through). ``graph.tracer`` and ``graph.tracer_reason`` say which was used and why.
-
-    Example:
-        >>> g = graphprune.trace(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
-        >>> len(g.prunable_groups)
-    """
-    if tracer not in TRACERS:
-        from .errors import ConfigError
-
-        raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}. Got {tracer!r}.")
-    if tracer == "export":
-        return _export_graph(model, example_inputs, "requested")
-    try:
-        traced = [trace_model(model, example_inputs, mode="eval")]
-    except TraceError as e:
-        if tracer == "fx" or not isinstance(model, nn.Module):
-            raise
-        try:
-            return _export_graph(model, example_inputs, f"torch.fx failed: {e}")
-        except TraceError as e2:
-            raise TraceError(f"{e}\n{e2}") from e
-    if _unreached(model, traced[0]):
-        try:
-            t2 = trace_model(model, example_inputs, mode="train")
-        except GraphPruneError:
-            t2 = None
-        if t2 is not None and len(_unreached(model, t2)) < len(_unreached(model, traced[0])):
-            traced.append(t2)
-    g = build_graph(model, traced)
-    frozen = _frozen_leaves(model, traced[0]) if tracer == "auto" else []
-    if frozen:
-        try:
-            why = (f"torch.fx could not trace {len(frozen)} module(s) with parameters "
-                   f"({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''})")
-            g2 = _export_graph(model, example_inputs, why)
-        except GraphPruneError:
-            return g
-        if g2.prunable_channels > g.prunable_channels:
-            return g2
-    return g
+def param_table(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Canonical name -> tensor for every parameter/buffer, and every name -> canonical name."""
+    params: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[int, str] = {}
+    named = list(model.named_parameters(remove_duplicate=False))
+    named += [(n, b) for n, b in model.named_buffers(remove_duplicate=False) if b is not None]
+    for name, t in named:
+        canon = first.setdefault(id(t), name)
+        aliases[name] = canon
+        params.setdefault(canon, t)
+    return params, aliases

@@ -64,8 +64,8 @@ def load_data(recipe: Recipe, input_shape: tuple[int, ...]) -> Data:
                     torch.randn(min(n_eval, 64), *shp, generator=g), None, src)
     cx, cy, ex, ey = load(src, tuple(input_shape))
     if tuple(cx.shape[1:]) != tuple(input_shape[1:]):
-        raise InputError(f"--data '{src}' holds inputs of shape {tuple(cx.shape[1:])} but the model "
-                         f"takes {tuple(input_shape[1:])} (--input-shape).")
+        raise InputError(f"The data source '{src}' holds inputs of shape {tuple(cx.shape[1:])} but "
+                         f"the model takes {tuple(input_shape[1:])}.", param="data")
     return Data(cx, cy, ex[:n_eval], None if ey is None else ey[:n_eval], src)
 
 
@@ -122,15 +122,17 @@ def _onnx_eval(path: str, x: torch.Tensor, y: torch.Tensor | None, threads: int 
 def run(recipe: Recipe, out_dir: str, *, log: Log | None = None,
         progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Run ``recipe`` and write the bundle to ``out_dir``; returns the report."""
-    from .prune import prune as prune_model
+    from ._safetensors import dumps
     from .cost import count_params
-    from .export import export_onnx
+    from .export import export_bundle, export_onnx
     from .finetune import train
-    from .io import atomic_write_text, staged_dir
-    from .export.masks import save_masks
+    from .io import atomic_write_bytes, atomic_write_text, check_writable
+    from .prune import prune as prune_model
     from .specs import load_model, load_weights
 
-    from .io import check_writable
+    if recipe.sensitivity and not _have_matplotlib():
+        raise ConfigError("The sensitivity plot needs matplotlib: pip install 'graphprune[plot]'.",
+                          param="sensitivity")
 
     check_writable(out_dir)  # before any work
     log = log or (lambda s: None)
@@ -141,7 +143,9 @@ def run(recipe: Recipe, out_dir: str, *, log: Log | None = None,
     if recipe.model.input_shape:
         shape = tuple(recipe.model.input_shape)
     if shape is None:
-        raise ConfigError(f"--input-shape is required for '{recipe.model.spec}' (e.g. 1,3,224,224).")
+        raise ConfigError(f"The model '{recipe.model.spec}' has no default input shape: give one in "
+                          "the recipe's model stage (input_shape: [1, 3, 224, 224]).",
+                          param="input_shape")
     data = load_data(recipe, shape)
     example = data.calib_x[:1]
     if recipe.model.weights:
@@ -158,16 +162,11 @@ def run(recipe: Recipe, out_dir: str, *, log: Log | None = None,
     log(f"pruning with {p.method}" + (" + reconstruction" if p.reconstruct else ""))
     t = time.perf_counter()
     calib = (data.calib_x, data.calib_y) if data.calib_y is not None else data.calib_x
-    target = p.target_macs is not None or p.target_params is not None
-    r = prune_model(model, example, sparsity=None if target else p.sparsity, method=p.method,
-                        round_to=p.round_to, ignore=p.ignore, config=p.config or None,
-                        seed=recipe.seed, plan=p.plan, calibration=calib,
-                        reconstruct=p.reconstruct, sequential=p.sequential,
-                        global_pruning=p.global_pruning, max_group_sparsity=p.max_group_sparsity,
-                        target_macs=p.target_macs, target_params=p.target_params,
-                        tracer=p.tracer, progress=progress)
+    r = prune_model(model, example, p.replace(seed=recipe.seed), calibration=calib,
+                    progress=progress)
     times["prune"] = time.perf_counter() - t
     pruned = r.model
+    log(f"pruned: {r.report.params[0]:,} -> {r.report.params[1]:,} parameters")
     acc_pruned = _accuracy(pruned, data.eval_x, data.eval_y)
 
     # ------------------------------------------------------------------ fine-tune
@@ -183,66 +182,66 @@ def run(recipe: Recipe, out_dir: str, *, log: Log | None = None,
     elif recipe.finetune.epochs:
         log("no labels in the data: fine-tuning skipped")
 
-    report: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="gp-run-") as tmp, staged_dir(out_dir) as stage:
+    q = recipe.quantize.mode
+    with tempfile.TemporaryDirectory(prefix="gp-run-") as tmp:
         # ------------------------------------------------------------------ dense reference
         t = time.perf_counter()
         dense_onnx = export_onnx(model, example, os.path.join(tmp, "dense.onnx"),
                                  exporter=recipe.export.exporter)
         acc_dense_ort, lat_dense, _ = _onnx_eval(dense_onnx.path, data.eval_x, data.eval_y)
-        # ------------------------------------------------------------------ export (+ int8)
-        q = recipe.quantize.mode
-        log("exporting" + (" (int8, calibrating activations)" if q == "int8" else ""))
-        final = export_onnx(pruned, example, os.path.join(stage, "model.onnx"),
-                            exporter=recipe.export.exporter, quantize=None if q == "none" else q,
-                            calibration=data.calib_x, calibrate_method=recipe.quantize.calibrate_method)
-        acc_ort, lat_final, _ = _onnx_eval(final.path, data.eval_x, data.eval_y)
-        times["export"] = time.perf_counter() - t
-        save_masks(r.masks, os.path.join(stage, "masks.safetensors"), plan=r.plan)
-        r.plan.save(os.path.join(stage, "plan.json"))
-        from ._safetensors import dumps
-        from .io import atomic_write_bytes
 
-        atomic_write_bytes(os.path.join(stage, "model.safetensors"),
-                           dumps(pruned.state_dict(), {"format": "graphprune.pruned-weights"}))
-        # ------------------------------------------------------------------ code
-        coded = None
-        if recipe.code.enabled:
-            coded = _code(pruned, example, data, recipe, os.path.join(stage, "model.gpc"), log)
-        # ------------------------------------------------------------------ plots
-        _channels_png(r, os.path.join(stage, "channels.png"))
-        if recipe.sensitivity:
-            log("measuring per-group sensitivity")
-            _sensitivity_png(model, example, data, recipe, os.path.join(stage, "sensitivity.png"))
-        rep = r.report
-        report = {
-            "graphprune": __import__("graphprune").__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-            "recipe": recipe.to_dict(),
-            "model": recipe.model.spec, "input_shape": list(shape), "data": data.source,
-            "before": {"params": count_params(model), "macs": rep.macs[0],
-                       "onnx_bytes": dense_onnx.bytes, "ort_latency_ms": lat_dense["p50"],
-                       "accuracy_torch": acc_dense, "accuracy_ort": acc_dense_ort},
-            "after": {"params": count_params(pruned), "macs": rep.macs[1],
-                      "onnx_bytes": final.bytes, "ort_latency_ms": lat_final["p50"],
-                      "accuracy_torch_pruned": acc_pruned, "accuracy_torch": acc_ft,
-                      "accuracy_ort": acc_ort, "precision": q if q != "none" else "fp32",
-                      **({"coded_bytes": coded["bytes"], "coded_accuracy": coded["accuracy"]}
-                         if coded else {})},
-            "onnx": {"exporter": final.exporter, "opset": final.opset,
-                     "max_rel_err_vs_torch": final.max_rel_err,
-                     **({"int8_cosine": final.cosine, "int8_top1_agreement": final.agreement}
-                        if final.quantize else {})},
-            "pruning": rep.to_dict(),
-            "timings_s": {**times, "total": time.perf_counter() - t_start},
-        }
-        atomic_write_text(os.path.join(stage, "report.json"),
-                          json.dumps(report, indent=1, default=str) + "\n")
-        atomic_write_text(os.path.join(stage, "report.md"), report_markdown(report))
-        atomic_write_text(os.path.join(stage, "recipe.json"),
-                          json.dumps(recipe.to_dict(), indent=1) + "\n")
-    return report
+        def finish(stage: str, report: dict[str, Any]) -> None:
+            """Evaluate the staged model and add the main job's files and figures."""
+            acc_ort, lat_final, _ = _onnx_eval(os.path.join(stage, "model.onnx"), data.eval_x,
+                                               data.eval_y)
+            times["export"] = time.perf_counter() - t
+            atomic_write_bytes(os.path.join(stage, "model.safetensors"),
+                               dumps(pruned.state_dict(), {"format": "graphprune.pruned-weights"}))
+            coded = None
+            if recipe.code.enabled:
+                coded = _code(pruned, example, data, recipe, os.path.join(stage, "model.gpc"), log)
+            if _have_matplotlib():
+                _channels_png(r, os.path.join(stage, "channels.png"))
+            else:
+                log("matplotlib is not installed: channels.png skipped (pip install "
+                    "'graphprune[plot]')")
+            if recipe.sensitivity:
+                log("measuring per-group sensitivity")
+                _sensitivity_png(model, example, data, recipe, os.path.join(stage,
+                                                                            "sensitivity.png"))
+            onnx = report["onnx"]
+            report.update({
+                "graphprune": __import__("graphprune").__version__,
+                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                "recipe": recipe.to_dict(),
+                "model": recipe.model.spec, "input_shape": list(shape), "data": data.source,
+                "before": {"params": count_params(model), "macs": report["macs"][0],
+                           "onnx_bytes": dense_onnx.bytes, "ort_latency_ms": lat_dense["p50"],
+                           "accuracy_torch": acc_dense, "accuracy_ort": acc_dense_ort},
+                "after": {"params": count_params(pruned), "macs": report["macs"][1],
+                          "onnx_bytes": onnx["bytes"], "ort_latency_ms": lat_final["p50"],
+                          "accuracy_torch_pruned": acc_pruned, "accuracy_torch": acc_ft,
+                          "accuracy_ort": acc_ort, "precision": onnx["quantize"],
+                          **({"coded_bytes": coded["bytes"], "coded_accuracy": coded["accuracy"]}
+                             if coded else {})},
+                "timings_s": {**times, "total": time.perf_counter() - t_start},
+            })
+            atomic_write_text(os.path.join(stage, "report.md"), report_markdown(report))
+            atomic_write_text(os.path.join(stage, "recipe.json"),
+                              json.dumps(recipe.to_dict(), indent=1) + "\n")
+
+        log("exporting" + (" (int8, calibrating activations)" if q == "int8" else ""))
+        return export_bundle(out_dir, pruned, example, result=r,
+                             quantize=None if q == "none" else q, calibration=data.calib_x,
+                             exporter=recipe.export.exporter,
+                             calibrate_method=recipe.quantize.calibrate_method, finish=finish)
+
+
+def _have_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _code(pruned: nn.Module, example: torch.Tensor, data: Data, recipe: Recipe, path: str,
@@ -269,13 +268,10 @@ def _code(pruned: nn.Module, example: torch.Tensor, data: Data, recipe: Recipe, 
 
 
 def _channels_png(r: Any, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from .io import atomic_path
+    from .viz import pyplot
 
+    plt = pyplot()
     rows = [g for g in r.report.groups if g.prunable][:60]
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(rows) + 2), 4))
     xs = np.arange(len(rows))
@@ -294,12 +290,10 @@ def _channels_png(r: Any, path: str) -> None:
 def _sensitivity_png(model: nn.Module, example: torch.Tensor, data: Data, recipe: Recipe,
                      path: str) -> None:
     """Accuracy (or output cosine without labels) when one group alone is pruned, vs sparsity."""
-    import matplotlib
+    from .capture import trace
+    from .viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .graph import trace
+    plt = pyplot()
     from .io import atomic_path
     from .prune import prune
 
@@ -376,10 +370,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Accuracy right after pruning (before fine-tuning): {100 * acc_p:.2f}%."]
     lines += ["", "## Channels per group", "", "| group | before | after | note |",
               "| --- | ---: | ---: | --- |"]
-    for g in report["pruning"]["groups"]:
+    for g in report["groups"]:
         lines.append(f"| {g['name']} | {g['channels_before']} | {g['channels_after']} | "
                      f"{'' if g['prunable'] else (g['reason'] or '')} |")
-    fid = report["pruning"].get("fidelity", {}).get("total")
+    fid = (report.get("fidelity") or {}).get("total")
     if fid:
         lines += ["", f"Output vs the original on the calibration data (before fine-tuning): "
                       f"relative error {fid['rel_err']:.4f}, cosine {fid['cosine']:.5f}."]

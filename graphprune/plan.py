@@ -203,6 +203,19 @@ class LayerConfig:
         return cls(sp, tuple(e.get("op_types", ())), tuple(e.get("op_names", ())),
                    bool(e.get("exclude", False)))
 
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as written in a config list."""
+        d: dict[str, Any] = {}
+        if self.op_types:
+            d["op_types"] = list(self.op_types)
+        if self.op_names:
+            d["op_names"] = list(self.op_names)
+        if self.exclude:
+            d["exclude"] = True
+        else:
+            d["sparsity"] = self.sparsity
+        return d
+
     def matches(self, group: Group, types: dict[str, str]) -> bool:
         mods = [m.module for m in group.sources] or group.modules
         return any(op_matches(m, types.get(m, ""), self.op_types or None, self.op_names,

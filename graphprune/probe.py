@@ -81,8 +81,8 @@ def _fails(graph: ChannelGraph, groups: list[Group], ref: list[torch.Tensor]) ->
 
 
 def probe_export_graph(graph: ChannelGraph) -> dict[str, str]:
-    """Freeze (in place) the prunable groups of a torch.export graph whose removal breaks the
-    model's own size arithmetic; returns group name -> reason."""
+    """The prunable groups of a torch.export graph whose removal breaks the model's own size
+    arithmetic: group name -> why it must be frozen (``graph.with_frozen`` applies it)."""
     groups = list(graph.prunable_groups)
     if not groups:
         return {}
@@ -102,9 +102,5 @@ def probe_export_graph(graph: ChannelGraph) -> dict[str, str]:
         visit(gs[half:])
 
     visit(groups)
-    for g in groups:
-        if g.name in frozen:
-            g.prunable = False
-            g.reason = ("torch.export specialised size arithmetic that depends on these channels "
-                        f"(a probe pruning them failed: {frozen[g.name]})")[:300]
-    return frozen
+    return {name: ("torch.export specialised size arithmetic that depends on these channels "
+                   f"(a probe pruning them failed: {why})")[:300] for name, why in frozen.items()}

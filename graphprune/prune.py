@@ -1,24 +1,25 @@
 """The one-call entry point: trace -> groups -> amounts -> scores/selection -> plan -> apply
-(-> reconstruct) -> report."""
+(-> reconstruct) -> report. Every setting is a field of ``PruneConfig`` (``config.py``)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ._validate import check_fraction
 from .apply import apply_plan
 from .budget import amounts_for_target, global_amounts, uniform_amounts
 from .calibration import Calibration, as_calibration
 from .criteria import Criterion, ScoreContext, get_criterion, score_group
+from .capture import trace
+from .config import PruneConfig, resolve
 from .errors import ConfigError
-from .graph import ChannelGraph, trace
-from .plan import Plan, check_round_to, check_sparsity, group_sparsities, plan_from_scores
+from .graph import ChannelGraph
+from .plan import Plan, group_sparsities, plan_from_scores
 from .report import Report, build_report
 
 
@@ -66,69 +67,76 @@ def _ranking_scores(graph: ChannelGraph, crit: Criterion, ctx: ScoreContext) -> 
     return {g.name: score_group(use, g, ctx) for g in graph.prunable_groups}
 
 
-def compute_amounts(graph: ChannelGraph, crit: Criterion, ctx: ScoreContext, *, sparsity: float,
-                    config: Sequence[Any] | None, ignore: Sequence[Any], round_to: int,
-                    global_pruning: bool, max_group_sparsity: float,
-                    target_macs: float | None, target_params: float | None) -> dict[str, int]:
-    """Channels kept per prunable group."""
-    targets = group_sparsities(graph, sparsity, config, ignore)
+def compute_amounts(graph: ChannelGraph, crit: Criterion, ctx: ScoreContext,
+                    cfg: PruneConfig) -> dict[str, int]:
+    """Channels kept per prunable group under ``cfg`` (sparsity, config list, global ranking,
+    or a MACs / parameter target)."""
+    sparsity, config = cfg.effective_sparsity, cfg.config
+    targets = group_sparsities(graph, sparsity, config, cfg.ignore)
     allowed = {n: why is None for n, (_, why) in targets.items()}
-    if global_pruning:
+    if cfg.global_pruning:
         scores = _ranking_scores(graph, crit, ctx)
 
         def make(s: float) -> dict[str, int]:
-            return global_amounts(graph, scores, s, allowed, round_to, max_group_sparsity)
+            return global_amounts(graph, scores, s, allowed, cfg.round_to, cfg.max_group_sparsity)
     else:
         def make(s: float) -> dict[str, int]:
-            if target_macs is None and target_params is None:
-                return uniform_amounts(graph, s, config, ignore, round_to)
+            if cfg.target is None:
+                return uniform_amounts(graph, s, config, cfg.ignore, cfg.round_to)
             # with a target, config entries only exclude; one sparsity is searched for the rest
-            return {n: v for n, v in uniform_amounts(graph, s, None, ignore, round_to).items()
+            return {n: v for n, v in uniform_amounts(graph, s, None, cfg.ignore, cfg.round_to).items()
                     if allowed.get(n, False)}
-    if target_macs is not None:
-        return amounts_for_target(graph, make, "macs", target_macs)
-    if target_params is not None:
-        return amounts_for_target(graph, make, "params", target_params)
+    if cfg.target is not None:
+        return amounts_for_target(graph, make, *cfg.target)
     return make(sparsity)
 
 
-def prune(model: nn.Module, example_inputs: Any, *, sparsity: float | None = None,
-          method: str = "l1", round_to: int = 1, ignore: Sequence[Any] = (),
-          config: Sequence[Any] | None = None, seed: int = 0, plan: Plan | str | None = None,
-          calibration: Any = None, reconstruct: bool = False, sequential: bool = True,
-          global_pruning: bool = False, max_group_sparsity: float = 0.9,
-          target_macs: float | None = None, target_params: float | None = None,
-          inplace: bool = False, verify: bool | str = True, tracer: str = "auto",
-          progress: Callable[[str, int, int], None] | None = None) -> PruneResult:
+def _needs_data_error(cfg: PruneConfig, crit: Criterion, plan: Any) -> None:
+    if ((crit.needs_data and plan is None) or cfg.reconstruct):
+        what = f"method '{cfg.method}' chooses channels from data" if crit.needs_data and \
+            plan is None else "reconstruct=True refits layers on data"
+        raise ConfigError(f"{what}: pass calibration=... (a tensor of inputs, a list of batches "
+                          "or (inputs, labels) pairs, or a DataLoader).")
+
+
+def _meta(cfg: PruneConfig, model: nn.Module) -> dict[str, Any]:
+    meta = {"method": cfg.method, "sparsity": cfg.effective_sparsity, "round_to": cfg.round_to,
+            "seed": cfg.seed, "model": type(model).__name__, "reconstruct": cfg.reconstruct}
+    if cfg.target is not None:
+        meta[f"target_{cfg.target[0]}"] = cfg.target[1]
+    if cfg.global_pruning:
+        meta["global_pruning"] = True
+    return meta
+
+
+def prune(model: nn.Module, example_inputs: Any, settings: PruneConfig | None = None, *,
+          calibration: Any = None, plan: Plan | str | None = None, inplace: bool = False,
+          progress: Callable[[str, int, int], None] | None = None, **options: Any) -> PruneResult:
     """Prune the channels of every prunable group and shrink the model physically.
 
     Args:
-        model: any ``nn.Module`` torch.fx can trace (untraceable submodules become opaque).
+        model: any ``nn.Module`` (torch.fx or torch.export must capture it; see ``trace``).
         example_inputs: a tensor, tuple or dict of inputs shaped like real ones (batch first).
-        sparsity: fraction of each group's channels to remove, in [0, 1) (default 0.5).
-        method: 'l1', 'l2', 'fpgm', 'random', 'bn_scale' (data-free); 'taylor' (needs labelled
-            or unlabelled calibration data); 'lasso', 'greedy' (choose channels by their effect on
-            the next layers' outputs on calibration data). ``graphprune.list_criteria()``.
-        round_to: keep channel counts a multiple of this (hardware-friendly widths).
-        ignore: modules (paths, classes or objects) whose parameters must not change.
-        config: NNI-style list of ``{'sparsity', 'op_types', 'op_names', 'exclude'}`` entries;
-            later entries override earlier ones.
-        plan: a ``Plan`` (or a path to a saved one) to apply instead of choosing channels.
+        settings: a ``PruneConfig``; keyword ``options`` are its fields and override it:
+            ``sparsity`` (default 0.5), ``method`` ('l1', 'l2', 'fpgm', 'random', 'bn_scale';
+            data-driven 'taylor', 'lasso', 'greedy'; ``graphprune.list_criteria()``),
+            ``round_to``, ``ignore``, ``config`` (NNI-style list), ``reconstruct``,
+            ``sequential``, ``global_pruning``, ``max_group_sparsity``, ``target_macs`` /
+            ``target_params``, ``seed``, ``tracer``, ``verify``, ``strict``. See ``PruneConfig``.
         calibration: inputs for data-driven methods and reconstruction: a tensor, an iterable of
             tensors or of ``(x, y)`` pairs, or a DataLoader (at most 256 samples are used).
-        reconstruct: refit every consumer of a pruned group by least squares so that its output
-            matches the original model's on the calibration data (He et al. 2017).
-        sequential: take the consumers' inputs from the model pruned so far (targets always from
-            the original), so errors do not accumulate; ``False`` is faster.
-        global_pruning: rank channels across groups (scores normalised by their group's mean)
-            instead of the same sparsity everywhere; no group loses more than
-            ``max_group_sparsity`` of its channels.
-        target_macs / target_params: keep this fraction of the MACs / parameters instead of
-            giving a sparsity (the sparsity is searched for).
+        plan: a ``Plan`` (or a path to a saved one) to apply instead of choosing channels.
         inplace: modify ``model`` itself instead of returning a pruned copy.
-        verify: run the pruned model once and check every layer's shapes ('full': every value).
-        tracer: 'auto' (torch.fx, falling back to torch.export), 'fx' or 'export'; see ``trace``.
         progress: ``fn(group, i, n)`` called before each group of a data-driven run.
+
+    Returns:
+        ``PruneResult`` with the smaller ``model``, ``masks``, ``plan``, ``report`` and ``graph``.
+
+    Raises:
+        ConfigError: a bad setting (named, with the accepted values), or data-driven work
+            without ``calibration``.
+        TraceError / InputError: the model cannot be captured or the inputs do not fit.
+        PlanError: a given plan does not fit the model.
 
     Example:
         >>> r = graphprune.prune(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224),
@@ -136,63 +144,45 @@ def prune(model: nn.Module, example_inputs: Any, *, sparsity: float | None = Non
         >>> print(r.report)
     """
     t0 = time.perf_counter()
-    given_sparsity = sparsity
-    sparsity = check_sparsity(0.5 if sparsity is None else sparsity)
-    round_to = check_round_to(round_to)
-    crit = get_criterion(method)
-    check_fraction(max_group_sparsity, "max_group_sparsity", "prune")
-    if given_sparsity is not None and (target_macs is not None or target_params is not None):
-        raise ConfigError("Give either 'sparsity' or a target ('target_macs'/'target_params'), "
-                          "not both: the target decides the sparsity.")
-    if target_macs is not None and target_params is not None:
-        raise ConfigError("Give 'target_macs' or 'target_params', not both.")
-    needs_data = (crit.needs_data and plan is None) or reconstruct
-    if needs_data and calibration is None:
-        what = f"method '{method}' chooses channels from data" if crit.needs_data else \
-            "reconstruct=True refits layers on data"
-        raise ConfigError(f"{what}: pass calibration=... (a tensor of inputs, a list of batches "
-                          "or (inputs, labels) pairs, or a DataLoader).")
+    cfg = resolve(settings, options, "prune")
+    crit = get_criterion(cfg.method)
+    plan = cfg.plan if plan is None else plan
+    if calibration is None:
+        _needs_data_error(cfg, crit, plan)
     calib: Calibration | None = None
     if calibration is not None:
         calib = as_calibration(calibration, example_inputs)
-    graph = trace(model, example_inputs, tracer=tracer)
+    graph = trace(model, example_inputs, tracer=cfg.tracer, strict=cfg.strict)
     t1 = time.perf_counter()
-    ctx = ScoreContext(params=graph.params, rng=np.random.default_rng(seed), calibration=calib,
+    ctx = ScoreContext(params=graph.params, rng=np.random.default_rng(cfg.seed), calibration=calib,
                        graph=graph)
-    meta = {"method": method, "sparsity": sparsity, "round_to": round_to, "seed": seed,
-            "model": type(model).__name__, "reconstruct": reconstruct,
-            **({"target_macs": target_macs} if target_macs is not None else {}),
-            **({"target_params": target_params} if target_params is not None else {}),
-            **({"global_pruning": True} if global_pruning else {})}
+    meta = _meta(cfg, model)
     weights, fidelity, extra_t = None, {}, {}
     if isinstance(plan, str):
         plan = Plan.load(plan)
     if plan is not None:
         plan.validate(graph)
-        if reconstruct:
+        if cfg.reconstruct:
             from .datadriven import sequential as seq
 
             fixed = {n: len(gp.keep) for n, gp in plan.groups.items()}
-            dd = seq.run(graph, calib, crit, fixed, reconstruct=True, sequential=sequential,
-                         seed=seed, meta=dict(plan.meta), progress=progress, fixed=plan)
+            dd = seq.run(graph, calib, crit, fixed, reconstruct=True, sequential=cfg.sequential,
+                         seed=cfg.seed, meta=dict(plan.meta), progress=progress, fixed=plan)
             weights, fidelity["groups"], extra_t = dd.weights, dd.groups, dd.timings
     else:
-        amounts = compute_amounts(graph, crit, ctx, sparsity=sparsity, config=config,
-                                  ignore=ignore, round_to=round_to, global_pruning=global_pruning,
-                                  max_group_sparsity=max_group_sparsity, target_macs=target_macs,
-                                  target_params=target_params)
-        if crit.kind == "select" or reconstruct:
+        amounts = compute_amounts(graph, crit, ctx, cfg)
+        if crit.kind == "select" or cfg.reconstruct:
             from .datadriven import sequential as seq
 
-            dd = seq.run(graph, calib, crit, amounts, reconstruct=reconstruct,
-                         sequential=sequential, seed=seed, meta=meta, progress=progress)
+            dd = seq.run(graph, calib, crit, amounts, reconstruct=cfg.reconstruct,
+                         sequential=cfg.sequential, seed=cfg.seed, meta=meta, progress=progress)
             plan, weights, fidelity["groups"], extra_t = dd.plan, dd.weights, dd.groups, dd.timings
         else:
             scores = {n: score_group(crit, graph.group(n), ctx)
                       for n, k in amounts.items() if k < graph.group(n).size}
             plan = plan_from_scores(graph, scores, amounts, meta)
     t2 = time.perf_counter()
-    applied = apply_plan(graph, plan, inplace=inplace, verify=verify, weights=weights)
+    applied = apply_plan(graph, plan, inplace=inplace, verify=cfg.verify, weights=weights)
     t3 = time.perf_counter()
     timings = {"trace": t1 - t0, "plan": t2 - t1, "apply": t3 - t2, **extra_t}
     if calib is not None:
@@ -202,34 +192,38 @@ def prune(model: nn.Module, example_inputs: Any, *, sparsity: float | None = Non
     return PruneResult(applied.model, applied, plan, graph, timings, fidelity)
 
 
-def make_plan(graph: ChannelGraph, *, sparsity: float = 0.5, method: str = "l1",
-              round_to: int = 1, ignore: Sequence[Any] = (), config: Sequence[Any] | None = None,
-              seed: int = 0, calibration: Any = None, global_pruning: bool = False,
-              max_group_sparsity: float = 0.9, target_macs: float | None = None,
-              target_params: float | None = None) -> Plan:
-    """Choose the channels to keep (no reconstruction): the planning half of ``prune``."""
-    sparsity = check_sparsity(sparsity)
-    round_to = check_round_to(round_to)
-    crit = get_criterion(method)
+def make_plan(graph: ChannelGraph, settings: PruneConfig | None = None, *, calibration: Any = None,
+              **options: Any) -> Plan:
+    """Choose the channels to keep (no reconstruction): the planning half of ``prune``.
+
+    Takes the same settings as ``prune`` (a ``PruneConfig`` and/or its fields as keywords).
+
+    Raises:
+        ConfigError: a bad setting, or a data-driven method without ``calibration``.
+
+    Example:
+        >>> g = graphprune.trace(model, x)
+        >>> plan = graphprune.make_plan(g, sparsity=0.3, method="fpgm")
+        >>> small = graphprune.apply_plan(g, plan).model
+    """
+    cfg = resolve(settings, options, "make_plan")
+    crit = get_criterion(cfg.method)
     if crit.needs_data and calibration is None:
-        raise ConfigError(f"method '{method}' chooses channels from data: pass calibration=... "
+        raise ConfigError(f"method '{cfg.method}' chooses channels from data: pass calibration=... "
                           "(a tensor or an iterable of input batches).")
     calib = None
     if calibration is not None:
         t = graph.traced[0]
         calib = as_calibration(calibration, t.inputs[0])
-    ctx = ScoreContext(params=graph.params, rng=np.random.default_rng(seed), calibration=calib,
+    ctx = ScoreContext(params=graph.params, rng=np.random.default_rng(cfg.seed), calibration=calib,
                        graph=graph)
-    amounts = compute_amounts(graph, crit, ctx, sparsity=sparsity, config=config, ignore=ignore,
-                              round_to=round_to, global_pruning=global_pruning,
-                              max_group_sparsity=max_group_sparsity, target_macs=target_macs,
-                              target_params=target_params)
-    meta = {"method": method, "sparsity": sparsity, "round_to": round_to, "seed": seed,
-            "model": type(graph.model).__name__}
+    amounts = compute_amounts(graph, crit, ctx, cfg)
+    meta = {k: v for k, v in _meta(cfg, graph.model).items() if k != "reconstruct"}
     if crit.kind == "select":
         from .datadriven import sequential as seq
 
-        return seq.run(graph, calib, crit, amounts, reconstruct=False, seed=seed, meta=meta).plan
+        return seq.run(graph, calib, crit, amounts, reconstruct=False, seed=cfg.seed,
+                       meta=meta).plan
     scores = {n: score_group(crit, graph.group(n), ctx)
               for n, k in amounts.items() if k < graph.group(n).size}
     return plan_from_scores(graph, scores, amounts, meta)

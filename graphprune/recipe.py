@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
-from ._validate import check_choice, check_fraction, check_int
+from ._validate import check_choice, check_int
+from .config import PruneConfig
 from .errors import ConfigError, did_you_mean
 
 RECIPE_VERSION = 1
@@ -30,21 +31,12 @@ class DataStage:
     eval_samples: int = 2048
 
 
-@dataclass
-class PruneStage:
-    method: str = "lasso"
-    sparsity: float | None = 0.5
-    target_macs: float | None = None
-    target_params: float | None = None
-    reconstruct: bool = True
-    sequential: bool = True
-    round_to: int = 1
-    global_pruning: bool = False
-    max_group_sparsity: float = 0.9
-    config: list[dict[str, Any]] = field(default_factory=list)  # per-layer overrides (NNI style)
-    ignore: list[str] = field(default_factory=list)
-    plan: str | None = None
-    tracer: str = "auto"  # auto | fx | export
+# the main job has data, so unlike a bare ``prune`` call it refits the consumers by default
+MAIN_JOB_PRUNE = {"reconstruct": True}
+
+
+def _main_job_prune() -> PruneConfig:
+    return PruneConfig(**MAIN_JOB_PRUNE)
 
 
 @dataclass
@@ -80,7 +72,7 @@ class Recipe:
 
     model: ModelStage = field(default_factory=ModelStage)
     data: DataStage = field(default_factory=DataStage)
-    prune: PruneStage = field(default_factory=PruneStage)
+    prune: PruneConfig = field(default_factory=_main_job_prune)
     finetune: FinetuneStage = field(default_factory=FinetuneStage)
     quantize: QuantizeStage = field(default_factory=QuantizeStage)
     code: CodeStage = field(default_factory=CodeStage)
@@ -90,7 +82,9 @@ class Recipe:
     version: int = RECIPE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: (v.to_dict() if isinstance(v, PruneConfig) else
+                    asdict(v) if is_dataclass(v) else v) for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "recipe") -> Recipe:
@@ -107,8 +101,11 @@ class Recipe:
             if k not in top:
                 raise ConfigError(f"Unknown key '{k}' in {source}. Allowed: {', '.join(top)}."
                                   f"{did_you_mean(k, top)}")
-            stage_cls = {"model": ModelStage, "data": DataStage, "prune": PruneStage,
-                         "finetune": FinetuneStage, "quantize": QuantizeStage, "code": CodeStage,
+            if k == "prune":
+                kw[k] = _prune_stage(v, source)
+                continue
+            stage_cls = {"model": ModelStage, "data": DataStage, "finetune": FinetuneStage,
+                         "quantize": QuantizeStage, "code": CodeStage,
                          "export": ExportStage}.get(k)
             if stage_cls is None:
                 kw[k] = v
@@ -143,17 +140,10 @@ class Recipe:
         return cls.from_dict(d, f"recipe '{os.path.basename(path)}'")
 
     def validate(self) -> None:
-        p = self.prune
-        from .criteria import get_criterion
-
-        get_criterion(p.method)
-        if p.sparsity is not None:
-            check_fraction(p.sparsity, "sparsity", "the prune stage")
-        for name in ("target_macs", "target_params"):
-            if getattr(p, name) is not None:
-                check_fraction(getattr(p, name), name, "the prune stage", allow_one=True)
-        check_int(p.round_to, "round_to", "the prune stage", low=1)
-        check_choice(p.tracer, "tracer", "the prune stage", ("auto", "fx", "export"))
+        """Check every stage (the prune stage validated itself when it was built)."""
+        if not isinstance(self.prune, PruneConfig):
+            raise ConfigError(f"The prune stage of a recipe must be a PruneConfig. Got "
+                              f"{type(self.prune).__name__} instead.")
         check_int(self.finetune.epochs, "epochs", "the finetune stage")
         check_int(self.model.train_epochs, "train_epochs", "the model stage")
         check_int(self.data.calibration_samples, "calibration_samples", "the data stage", low=1)
@@ -167,3 +157,15 @@ class Recipe:
         if self.finetune.lr <= 0:
             raise ConfigError(f"The 'lr' parameter of the finetune stage must be > 0. Got "
                               f"{self.finetune.lr!r} instead.")
+
+
+def _prune_stage(v: Any, source: str) -> PruneConfig:
+    """The prune stage of a recipe file: the main job's defaults, then the file's settings."""
+    if not isinstance(v, dict):
+        raise ConfigError(f"'prune' in {source} must be a mapping. Got {v!r}.")
+    try:
+        return PruneConfig.from_dict({**MAIN_JOB_PRUNE, **v}, source=f"'prune' in {source}")
+    except ConfigError as e:
+        if "Unknown key" in str(e):
+            raise
+        raise ConfigError(f"{source}, prune stage: {e}", param=e.param) from e

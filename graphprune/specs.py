@@ -25,7 +25,8 @@ def _zoo() -> dict[str, Any]:
 def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
     """Build the model named by ``spec`` (random init) and its default input shape, if known."""
     if not isinstance(spec, str) or not spec:
-        raise ConfigError(f"--model must be a non-empty SPEC. Got {spec!r}.")
+        raise ConfigError(f"The model spec must be a non-empty string. Got {spec!r} instead.",
+                          param="model")
     kind, _, name = spec.partition(":")
     if not name:
         zoo = _zoo()
@@ -119,6 +120,6 @@ def parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(s <= 0 for s in shape):
-        raise ConfigError(f"--input-shape must be positive ints separated by commas, e.g. "
-                          f"1,3,224,224. Got '{text}'.")
+        raise ConfigError(f"An input shape must be positive ints separated by commas, e.g. "
+                          f"1,3,224,224. Got '{text}'.", param="input_shape")
     return shape

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,19 +155,60 @@ def symbolic_trace(model: nn.Module, leaf_types: tuple[type, ...] = ()
     )
 
 
+_SMALL_TENSOR = 1 << 20  # plain tensor attributes up to this many elements get their values back
+
+
+def _snapshot_modules(model: nn.Module) -> list[tuple[Any, ...]]:
+    """Every module's attribute dict as it is now: which objects it holds, the contents of the
+    containers it holds (restored into the same container objects, so hook handles stay valid),
+    and the values of small plain tensor attributes (caches that forward fills in place)."""
+    snap = []
+    for m in model.modules():
+        d = m.__dict__
+        contents = {k: (type(v), list(v.items()) if isinstance(v, dict) else list(v))
+                    for k, v in d.items() if type(v) in (dict, list, OrderedDict)}
+        values = [(v, v.detach().clone()) for v in d.values()
+                  if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter)
+                  and v.device.type != "meta" and v.numel() <= _SMALL_TENSOR
+                  and not _is_fake(v)]
+        snap.append((d, dict(d), contents, values))
+    return snap
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    return type(t).__name__ in ("FakeTensor", "FunctionalTensor") or t.device.type == "meta"
+
+
+def _restore_modules(snap: list[Any]) -> None:
+    for d, attrs, contents, values in snap:
+        d.clear()
+        d.update(attrs)
+        for k, (_, items) in contents.items():
+            c = attrs[k]
+            if isinstance(c, dict):
+                c.clear()
+                c.update(items)
+            else:
+                c[:] = items
+        for t, v in values:
+            if t.shape == v.shape and not t.is_inference():
+                t.copy_(v)
+
+
 @contextlib.contextmanager
 def preserved_state(model: nn.Module, mode: str, buffers: bool = True) -> Iterator[None]:
-    """Run in ``mode`` ('eval'/'train') and leave modes, buffers and the RNG exactly as found."""
-    modes = {m: m.training for m in model.modules()}
+    """Run in ``mode`` ('eval'/'train') and leave the model exactly as found: modes, buffers'
+    values, the RNG, and every attribute forward assigns (a detection head caching anchors,
+    tracers' fake tensors): each module's attributes, containers and hooks are restored."""
     saved = [(b, b.detach().clone()) for b in model.buffers()
              if buffers and b.device.type != "meta"]
+    snap = _snapshot_modules(model)
     model.train(mode == "train")
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             yield
     finally:
-        for m, t in modes.items():
-            m.training = t
+        _restore_modules(snap)  # also restores every module's training flag
         for b, v in saved:
             b.copy_(v)
 

@@ -80,14 +80,37 @@ def to_dot(graph: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the non-interactive backend (matplotlib is an optional extra).
+
+    Raises:
+        ConfigError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+    except ImportError as e:
+        from .errors import ConfigError
+
+        raise ConfigError("Drawing needs matplotlib, which is not installed: pip install "
+                          "'graphprune[plot]'.") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def draw_png(graph: Any, path: str, highlight: set[str] | None = None, rows: int = 45) -> None:
     """Draw the channel graph in topological order, snaking through columns of ``rows`` layers
     so that deep networks stay legible; prunable groups are coloured, frozen axes grey, and the
-    groups in ``highlight`` (e.g. the pruned ones) red."""
-    import matplotlib
+    groups in ``highlight`` (e.g. the pruned ones) red.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Raises:
+        ConfigError: matplotlib is not installed.
+
+    Example:
+        >>> graphprune.viz.draw_png(graphprune.trace(model, x), "graph.png")
+    """
+    plt = pyplot()
 
     from .io import atomic_path
 

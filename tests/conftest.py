@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 from torch import nn
 
-os.environ.setdefault("GRAPHPRUNE_STRICT", "1")  # a rule that crashes fails the test suite
-os.environ.setdefault("GRAPHPRUNE_VERIFY", "full")  # check every intermediate shape
+import graphprune as gp
+
+# a rule that crashes fails the test suite; every intermediate shape of a pruned model is checked
+gp.set_checks(strict=True, verify="full")
 torch.set_num_threads(1)
 
 

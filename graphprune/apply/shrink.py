@@ -3,7 +3,6 @@ that every intermediate tensor of the new model has exactly the shape the plan i
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .._checks import checks
 from ..errors import ParityError, PlanError
 from ..graph import ChannelGraph
 from ..plan import Plan, comp_keep_for
@@ -117,13 +117,15 @@ def _set_tensor(mods: dict[str, nn.Module], name: str, value: torch.Tensor,
 
 
 def apply_plan(graph: ChannelGraph, plan: Plan, *, inplace: bool = False,
-               verify: bool | str = True, weights: dict[str, torch.Tensor] | None = None) -> Applied:
+               verify: bool | str | None = None,
+               weights: dict[str, torch.Tensor] | None = None) -> Applied:
     """Physically apply ``plan`` to the graph's model.
 
     Returns a new model (the original is untouched unless ``inplace``) whose coupled parameters
     are sliced and whose modules report their new sizes. With ``verify`` the new model is run on
     the example inputs and the input and output of every layer must have the shape the plan
-    implies; ``verify="full"`` traces the new model again and checks every intermediate value.
+    implies; ``verify="full"`` traces the new model again and checks every intermediate value
+    (default: ``graphprune.checks().verify``).
     ``weights`` replaces tensors (canonical name -> full-size tensor, e.g. refitted consumers)
     before they are sliced.
     """
@@ -154,7 +156,9 @@ def apply_plan(graph: ChannelGraph, plan: Plan, *, inplace: bool = False,
                 _set_tensor(mods, alias, v, t)
     shapes = expected_shapes(graph, comp_keep)
     _resize_modules(graph, mods, shapes, pruned_owners)
-    if verify == "full" or (verify and os.environ.get("GRAPHPRUNE_VERIFY") == "full"):
+    if verify is None:
+        verify = checks().verify
+    if verify == "full":
         verify_shapes(graph, new, shapes)
     elif verify:
         verify_layers(graph, new, shapes)
@@ -168,8 +172,10 @@ def _resize_modules(graph: ChannelGraph, mods: dict[str, nn.Module], shapes: dic
         for node in t.graph.nodes:
             if node.op == "call_module" and node.args and isinstance(node.args[0], fx.Node):
                 touched[node.target] = shapes.get((k, node.args[0].name))
-    # modules whose parameters were sliced but that are not leaves (e.g. LayerNorm2d)
-    for name in pruned_owners:
+    # modules whose parameters were sliced but that are not leaves (e.g. LayerNorm2d), and every
+    # recurrent module: its kernel reads a list of the tensors that were just replaced
+    rnns = {n for n, m in mods.items() if isinstance(m, nn.RNNBase)}
+    for name in pruned_owners | rnns:
         if name not in touched and name in mods:
             touched[name] = None
     for name, in_shape in touched.items():

@@ -1,31 +1,34 @@
 """Deep Compression storage (Han et al., ICLR 2016): sparse positions as relative indices,
 codebook indices, Huffman coding; also plain fixed-width ("linear") and fixed-point coding.
+Stage 7 of the flow (after quantization): ``encode`` writes a file, ``decode`` reads it back.
 
 File format (version 1, little-endian)::
 
     b"GPCODE\\x00\\x01"        magic and format version
     u32 H, H bytes          header: zlib-compressed UTF-8 JSON, sorted keys (below)
     u32                     CRC-32 of the (compressed) header bytes
-    payload                 the tensors' segments, back to back
+    payload                 the tensors' bytes, back to back, up to the end of the file
 
 The header is ``{"format": "graphprune.coded", "version": 1, "tensors": [entry, ...]}``; each
 entry has ``name``, ``shape``, ``dtype``, ``kind`` ('raw', 'huffman', 'linear', 'fixed_point'),
-``crc32`` and ``span`` (offset and length of its bytes in the payload) and, for coded kinds, the
-quantization (``scheme``, ``bits``, ``qmin``, ``dequant``: a codebook or scale/zero point/axis) and
-``segments``: name -> [offset, length, bits, count] inside the tensor's bytes. Huffman kinds store
-the code lengths of their alphabets (canonical codes) and, in ``mode='sparse'``, the number of
-zeros before each stored entry (``gaps``, capped at 2**index_bits - 1 with filler entries, as in
-Deep Compression) followed by the stored codes; ``mode='dense'`` codes every entry.
-Decoding recomputes the values from the codes with the quantizer's own ``dequantize``, so they
-are bit-exact.
+``crc32`` and ``span`` (offset and length of its bytes in the payload; the spans follow each
+other and the last one ends the file) and, for coded kinds, the quantization (``scheme``,
+``bits``, ``qmin``, ``dequant``: a codebook or scale/zero point/axis) and ``segments``: name ->
+[offset, length, bits, count] inside the tensor's bytes. Codes are stored minus ``qmin``; a
+fixed-width ``codes`` segment holds ``count`` codes of ``bits`` bits, MSB first. Huffman kinds
+store the code lengths of their alphabets (one byte per symbol; canonical codes) and, in
+``mode='sparse'``, the number of zeros before each stored entry (``gaps``, capped at
+2**index_bits - 1 with filler entries, as in Deep Compression) followed by the stored codes;
+``mode='dense'`` codes every entry. Decoding recomputes the values from the codes with the
+quantizer's own ``dequantize``, so they are bit-exact. A float tensor that was not quantized
+but has at most 256 distinct values is coded through its own codebook when that is smaller
+than storing it raw.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
-import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,22 +38,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, GraphPruneError
+from ..errors import ConfigError
 from ..io import atomic_write_bytes, read_file
 from ..quantize.tensor import QuantizedTensor, dequantize
-from . import huffman
+from . import bits, container, huffman
+from .container import MAGIC, VERSION, CodingError
 
-MAGIC = b"GPCODE\x00\x01"
-VERSION = 1
+__all__ = ["MAGIC", "METHODS", "VERSION", "CodingError", "EncodeReport", "decode", "encode"]
+
 METHODS = ("huffman", "linear", "fixed_point", "raw")
-
-
-class CodingError(GraphPruneError, ValueError):
-    """A coded file is truncated, corrupted, or not a graphprune coded file."""
 
 
 @dataclass
 class EncodeReport:
+    """What ``encode`` wrote: the file's bytes, the fp32 bytes of the same tensors, and per
+    tensor its ``kind``, ``bytes`` and (Huffman) ``mode``."""
+
     path: str
     bytes: int
     fp32_bytes: int
@@ -79,34 +82,19 @@ class _Seg:
         self.buf += data
 
 
-def _pack_fixed(sym: np.ndarray, bits: int) -> bytes:
-    """Unsigned ``sym`` at ``bits`` bits each, MSB first."""
-    if sym.size == 0:
-        return b""
-    shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
-    b = ((sym[:, None].astype(np.int64) >> shifts) & 1).astype(np.uint8).ravel()
-    return np.packbits(b).tobytes()
+class _Stream:
+    """A symbol stream with its Huffman code lengths and its approximate coded size."""
 
+    def __init__(self, sym: np.ndarray, alphabet: int) -> None:
+        freq = np.bincount(sym, minlength=alphabet)
+        self.sym, self.alphabet = sym, alphabet
+        self.lengths = huffman.code_lengths(freq)
+        self.cost = int((self.lengths * freq).sum() // 8) + alphabet
 
-def _unpack_fixed(data: bytes, bits: int, count: int) -> np.ndarray:
-    b = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
-    if b.size < bits * count:
-        raise CodingError("fixed-width code segment is truncated")
-    b = b[: bits * count].reshape(count, bits).astype(np.int64)
-    return (b << np.arange(bits - 1, -1, -1, dtype=np.int64)).sum(axis=1)
-
-
-def _huff(seg: _Seg, name: str, sym: np.ndarray, alphabet: int) -> int:
-    lengths = huffman.code_lengths(np.bincount(sym, minlength=alphabet))
-    data, nbits = huffman.encode(sym, lengths)
-    seg.add(name + "_lengths", lengths.astype(np.uint8).tobytes(), 0, alphabet)
-    seg.add(name, data, nbits, int(sym.size))
-    return len(data) + alphabet
-
-
-def _huff_cost(sym: np.ndarray, alphabet: int) -> int:
-    f = np.bincount(sym, minlength=alphabet)
-    return int((huffman.code_lengths(f) * f).sum() // 8) + alphabet
+    def add_to(self, seg: _Seg, name: str) -> None:
+        data, nbits = huffman.encode(self.sym, self.lengths)
+        seg.add(name + "_lengths", self.lengths.astype(np.uint8).tobytes(), 0, self.alphabet)
+        seg.add(name, data, nbits, int(self.sym.size))
 
 
 def _sparse_stream(codes: np.ndarray, zero: int, index_bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,12 +113,17 @@ def _sparse_stream(codes: np.ndarray, zero: int, index_bits: int) -> tuple[np.nd
     return out_gaps, out_vals
 
 
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().cpu()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+
+
 def _encode_tensor(name: str, t: torch.Tensor, q: QuantizedTensor | None, kind: str,
                    index_bits: int) -> tuple[dict[str, Any], bytes]:
     entry: dict[str, Any] = {"name": name, "shape": list(t.shape), "dtype": _DT[t.dtype]}
     seg = _Seg()
     if q is None or kind == "raw":
-        seg.add("data", t.detach().contiguous().cpu().numpy().tobytes())
+        seg.add("data", _raw_bytes(t))
         entry["kind"] = "raw"
     else:
         codes = q.codes.to(torch.int64).flatten().numpy()
@@ -148,22 +141,24 @@ def _encode_tensor(name: str, t: torch.Tensor, q: QuantizedTensor | None, kind: 
             entry["dequant"]["scale_shape"] = list(q.scale.shape)
         if kind in ("linear", "fixed_point"):
             width = max(1, int(alphabet - 1).bit_length())
-            seg.add("codes", _pack_fixed(sym, width), width, int(sym.size))
+            packed, _ = bits.pack(sym, np.full(sym.size, width))
+            seg.add("codes", packed, width, int(sym.size))  # 'bits' holds the code width
         else:  # huffman: sparse (relative indices) or dense, whichever is smaller
             zero = _zero_code(q) - qmin if _zero_code(q) is not None else None
             entry["index_bits"] = index_bits
-            use_sparse = False
+            dense, sparse = _Stream(sym, alphabet), None
             if zero is not None and 0 <= zero < alphabet:
                 g, v = _sparse_stream(sym, zero, index_bits)
-                sparse_cost = _huff_cost(g, 1 << index_bits) + _huff_cost(v, alphabet)
-                use_sparse = sparse_cost < _huff_cost(sym, alphabet)
-            if use_sparse:
+                sparse = _Stream(g, 1 << index_bits), _Stream(v, alphabet)
+                if sparse[0].cost + sparse[1].cost >= dense.cost:
+                    sparse = None
+            if sparse:
                 entry.update(mode="sparse", zero=int(zero))
-                _huff(seg, "gaps", g, 1 << index_bits)
-                _huff(seg, "values", v, alphabet)
+                sparse[0].add_to(seg, "gaps")
+                sparse[1].add_to(seg, "values")
             else:
                 entry["mode"] = "dense"
-                _huff(seg, "values", sym, alphabet)
+                dense.add_to(seg, "values")
     data = bytes(seg.buf)
     entry["segments"] = seg.segs
     entry["crc32"] = zlib.crc32(data)
@@ -192,19 +187,30 @@ def _auto_quantized(t: torch.Tensor) -> QuantizedTensor | None:
         remap = torch.empty_like(order)
         remap[order] = torch.arange(order.numel())
         vals, inv = vals[order], remap[inv]
-    bits = max(1, int(vals.numel() - 1).bit_length())
-    return QuantizedTensor(inv.view_as(t).to(torch.int32), "codebook", bits, codebook=vals)
+    bits_ = max(1, int(vals.numel() - 1).bit_length())
+    return QuantizedTensor(inv.view_as(t).to(torch.int32), "codebook", bits_, codebook=vals)
 
 
 def encode(obj: Any, path: str | os.PathLike, *, method: str = "huffman",
            rules: Mapping[str, str] | None = None, index_bits: int = 8) -> EncodeReport:
     """Code a model, a state dict, or a ``QuantizedModel`` into ``path`` (atomically).
 
-    Quantized weights (from ``graphprune.quantize``, or any float tensor with at most 256
-    distinct values) are coded with ``method``: 'huffman' (Deep Compression: relative indices of
-    the non-zeros plus Huffman-coded codebook indices), 'linear' (log2(levels) bits per weight)
-    or 'fixed_point' (the fixed-point integers as they are); every other tensor is stored raw.
-    ``rules`` maps state_dict name patterns (shell globs) to a method, overriding ``method``.
+    Quantized weights (from ``graphprune.quantize``) are coded with ``method``: 'huffman' (Deep
+    Compression: relative indices of the non-zeros plus Huffman-coded codebook indices),
+    'linear' (log2(levels) bits per weight) or 'fixed_point' (the fixed-point integers as they
+    are). A float tensor that was not quantized but has at most 256 distinct values gets its
+    own codebook and is coded the same way when that takes fewer bytes than storing it raw;
+    every other tensor is stored raw. ``rules`` maps state_dict name patterns (shell globs) to
+    a method, overriding ``method``.
+
+    Example:
+        >>> q = graphprune.quantize(model, KMeans(bits=4))
+        >>> report = encode(q, "model.gpc")
+        >>> report.bytes, report.ratio  # the file's size, fp32 bytes over it
+
+    Raises:
+        ConfigError: an unknown method, ``index_bits`` outside [1, 16], an unsupported tensor,
+            or quantized weights that no longer match their codes.
     """
     from ..quantize.api import QuantizedModel
 
@@ -227,16 +233,17 @@ def encode(obj: Any, path: str | os.PathLike, *, method: str = "huffman",
     else:
         raise ConfigError(f"encode() takes a model, a state dict or a QuantizedModel. Got "
                           f"{type(obj).__name__}.")
-    entries, blobs, offset, fp32 = [], [], 0, 0
+    entries, blobs, fp32 = [], [], 0
     report = EncodeReport(os.fspath(path), 0, 0)
     for name, t in state.items():
         if not isinstance(t, torch.Tensor) or t.dtype not in _DT:
             raise ConfigError(f"cannot code '{name}': not a tensor of a supported dtype.")
         kind = next((m for pat, m in (rules or {}).items() if fnmatch.fnmatchcase(name, pat)),
                     method)
-        q = qt.get(name)
+        q, auto = qt.get(name), False
         if q is None and kind != "raw":
             q = _auto_quantized(t)
+            auto = q is not None
         if kind == "fixed_point" and q is not None and q.scheme != "fixed_point":
             raise ConfigError(f"'{name}' is quantized with '{q.scheme}', not fixed point: code it "
                               "with 'huffman' or 'linear'.")
@@ -244,78 +251,107 @@ def encode(obj: Any, path: str | os.PathLike, *, method: str = "huffman",
             raise ConfigError(f"'{name}' differs from its quantized codes: quantize the model "
                               "again (weights were changed after quantization).")
         entry, data = _encode_tensor(name, t, q, kind, int(index_bits))
-        entry["span"] = [offset, len(data)]
-        offset += len(data)
+        if auto:  # our own codebook, not the user's quantization: keep it only if it pays
+            raw = _encode_tensor(name, t, None, "raw", int(index_bits))
+            if container.entry_cost(*raw) <= container.entry_cost(entry, data):
+                entry, data = raw
         entries.append(entry)
         blobs.append(data)
         fp32 += t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size()
         report.tensors[name] = {"kind": entry["kind"], "bytes": len(data),
                                 **({"mode": entry["mode"]} if "mode" in entry else {})}
-    header = zlib.compress(json.dumps(
-        {"format": "graphprune.coded", "version": VERSION, "tensors": entries},
-        sort_keys=True, separators=(",", ":")).encode("utf-8"), 9)
-    out = MAGIC + struct.pack("<I", len(header)) + header + struct.pack("<I", zlib.crc32(header))
-    out += b"".join(blobs)
+    out = container.pack(entries, blobs)
     atomic_write_bytes(path, out)
     report.bytes, report.fp32_bytes = len(out), fp32
     return report
 
 
-def _segment(data: bytes, segs: dict[str, list[int]], key: str, name: str) -> tuple[bytes, int, int]:
-    if key not in segs:
-        raise CodingError(f"tensor '{name}': segment '{key}' missing from the header")
-    off, ln, nbits, count = segs[key]
-    if off < 0 or off + ln > len(data):
-        raise CodingError(f"tensor '{name}': segment '{key}' lies outside its data")
+def _segment(data: bytes, segs: dict[str, Any], key: str) -> tuple[bytes, int, int]:
+    seg = segs.get(key)
+    if not (isinstance(seg, list) and len(seg) == 4
+            and all(isinstance(v, int) and v >= 0 for v in seg)):
+        raise CodingError(f"segment '{key}' is missing from the header or malformed")
+    off, ln, nbits, count = seg
+    if off + ln > len(data):
+        raise CodingError(f"segment '{key}' (bytes {off}..{off + ln}) lies outside its "
+                          f"{len(data)} bytes")
     return data[off:off + ln], nbits, count
 
 
+def _huffman_stream(data: bytes, segs: dict[str, Any], key: str) -> np.ndarray:
+    raw, nbits, count = _segment(data, segs, key)
+    lengths, _, alphabet = _segment(data, segs, key + "_lengths")
+    if len(lengths) != alphabet:
+        raise CodingError(f"segment '{key}_lengths' has {len(lengths)} code lengths for an "
+                          f"alphabet of {alphabet}")
+    return huffman.decode(raw, nbits, count, np.frombuffer(lengths, dtype=np.uint8))
+
+
+_FIELDS = {"shape": list, "dtype": str, "kind": str, "segments": dict}
+_CODED_FIELDS = {"scheme": str, "bits": int, "qmin": int, "dequant": dict}
+
+
+def _check_entry(e: dict[str, Any]) -> tuple[tuple[int, ...], torch.dtype, int]:
+    """(shape, dtype, numel) of a header entry whose fields have the documented types."""
+    fields = _FIELDS if e.get("kind") == "raw" else {**_FIELDS, **_CODED_FIELDS}
+    bad = [k for k, typ in fields.items() if not isinstance(e.get(k), typ)]
+    if bad:
+        raise CodingError(f"header entry lacks a valid {', '.join(repr(k) for k in bad)}")
+    if e["dtype"] not in _TD:
+        raise CodingError(f"unknown dtype '{e['dtype']}'")
+    if e["kind"] not in METHODS:
+        raise CodingError(f"unknown kind '{e['kind']}'")
+    shape = e["shape"]
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CodingError(f"invalid shape {shape}")
+    return tuple(shape), _TD[e["dtype"]], int(np.prod(shape, dtype=np.int64)) if shape else 1
+
+
 def _decode_tensor(e: dict[str, Any], data: bytes) -> torch.Tensor:
-    name, shape, dtype = e["name"], tuple(e["shape"]), _TD[e["dtype"]]
-    numel = int(np.prod(shape)) if shape else 1
+    shape, dtype, numel = _check_entry(e)
     segs = e["segments"]
     if e["kind"] == "raw":
-        raw, _, _ = _segment(data, segs, "data", name)
-        np_dt = torch.empty(0, dtype=dtype).numpy().dtype if dtype != torch.bfloat16 else None
-        if np_dt is None:
+        raw, _, _ = _segment(data, segs, "data")
+        width = torch.empty(0, dtype=dtype).element_size()
+        if len(raw) != numel * width:
+            raise CodingError(f"{len(raw)} bytes stored, shape {list(shape)} of {e['dtype']} "
+                              f"needs {numel * width}")
+        if dtype == torch.bfloat16:
             return torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).reshape(shape).clone()
-        arr = np.frombuffer(raw, dtype=np_dt)
-        if arr.size != numel:
-            raise CodingError(f"tensor '{name}': {arr.size} values stored, shape needs {numel}")
+        arr = np.frombuffer(raw, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
         return torch.from_numpy(arr.copy()).reshape(shape)
-    qmin = int(e["qmin"])
     if e["kind"] in ("linear", "fixed_point"):
-        raw, width, count = _segment(data, segs, "codes", name)
-        sym = _unpack_fixed(raw, width, count)
-    elif e["kind"] == "huffman":
-        vraw, vbits, vcount = _segment(data, segs, "values", name)
-        lraw, _, alpha = _segment(data, segs, "values_lengths", name)
-        vals = huffman.decode(vraw, vbits, vcount, np.frombuffer(lraw, dtype=np.uint8).astype(np.int64))
-        if e["mode"] == "sparse":
-            graw, gbits, gcount = _segment(data, segs, "gaps", name)
-            glraw, _, _ = _segment(data, segs, "gaps_lengths", name)
-            gaps = huffman.decode(graw, gbits, gcount,
-                                  np.frombuffer(glraw, dtype=np.uint8).astype(np.int64))
-            pos = np.cumsum(gaps + 1) - 1
-            if pos.size and pos[-1] >= numel:
-                raise CodingError(f"tensor '{name}': relative indices run past its {numel} entries")
-            sym = np.full(numel, int(e["zero"]), dtype=np.int64)
-            sym[pos] = vals
-        else:
-            sym = vals
+        raw, width, count = _segment(data, segs, "codes")
+        if not 1 <= width <= bits.MAX_WIDTH or width * count > 8 * len(raw):
+            raise CodingError(f"{count} codes of {width} bits do not fit its {len(raw)} bytes")
+        sym = bits.unpack_fixed(raw, width, count)
+    elif e.get("mode") == "sparse":
+        gaps = _huffman_stream(data, segs, "gaps")
+        vals = _huffman_stream(data, segs, "values")
+        if gaps.size != vals.size:
+            raise CodingError(f"{gaps.size} relative indices for {vals.size} stored codes")
+        pos = np.cumsum(gaps + 1) - 1
+        if pos.size and pos[-1] >= numel:
+            raise CodingError(f"relative indices run past its {numel} entries")
+        sym = np.full(numel, int(e["zero"]), dtype=np.int64)
+        sym[pos] = vals
+    elif e.get("mode") == "dense":
+        sym = _huffman_stream(data, segs, "values")
     else:
-        raise CodingError(f"tensor '{name}': unknown kind '{e['kind']}'")
+        raise CodingError(f"unknown Huffman mode {e.get('mode')!r}")
     if sym.size != numel:
-        raise CodingError(f"tensor '{name}': {sym.size} codes decoded, shape needs {numel}")
-    codes = torch.from_numpy((sym + qmin).astype(np.int32)).reshape(shape)
+        raise CodingError(f"{sym.size} codes decoded, shape {list(shape)} needs {numel}")
+    codes = torch.from_numpy((sym + int(e["qmin"])).astype(np.int32)).reshape(shape)
     dq = e["dequant"]
-    if dq["type"] == "codebook":
-        cb, _, _ = _segment(data, segs, "codebook", name)
-        q = QuantizedTensor(codes, e["scheme"], e["bits"],
-                            codebook=torch.from_numpy(np.frombuffer(cb, dtype=np.float32).copy()))
+    if dq.get("type") == "codebook":
+        cb, _, _ = _segment(data, segs, "codebook")
+        book = torch.from_numpy(np.frombuffer(cb, dtype=np.float32).copy())
+        if numel and not (0 <= int(codes.min()) and int(codes.max()) < book.numel()):
+            raise CodingError(f"codes outside its {book.numel()}-entry codebook")
+        q = QuantizedTensor(codes, e["scheme"], e["bits"], codebook=book)
     else:
-        s, _, _ = _segment(data, segs, "scale", name)
-        z, _, _ = _segment(data, segs, "zero_point", name)
+        s, _, _ = _segment(data, segs, "scale")
+        z, _, _ = _segment(data, segs, "zero_point")
         sshape = tuple(dq.get("scale_shape", []))
         scale = torch.from_numpy(np.frombuffer(s, dtype=np.float32).copy()).reshape(sshape)
         zp = torch.from_numpy(np.frombuffer(z, dtype=np.int32).copy()).reshape(sshape)
@@ -325,44 +361,25 @@ def _decode_tensor(e: dict[str, Any], data: bytes) -> torch.Tensor:
 
 
 def decode(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a coded file back into a state dict (quantized values restored bit-exactly)."""
+    """Read a coded file back into a state dict (quantized values restored bit-exactly).
+
+    Example:
+        >>> model.load_state_dict(decode("model.gpc"))
+
+    Raises:
+        CodingError: the file cannot be read, is not a coded file, is truncated, corrupted
+            (checksums, length fields, codes) or has data after its last tensor.
+    """
     path = os.fspath(path)
     blob = read_file(path, "coded file", CodingError)
-    if blob[: len(MAGIC) - 1] != MAGIC[:-1]:
-        raise CodingError(f"'{path}' is not a graphprune coded file (bad magic bytes).")
-    if blob[len(MAGIC) - 1] != MAGIC[-1]:
-        raise CodingError(f"'{path}' has coded-format version {blob[len(MAGIC) - 1]}; this "
-                          f"graphprune reads version {VERSION}.")
-    p = len(MAGIC)
-    if len(blob) < p + 4:
-        raise CodingError(f"'{path}' is truncated (no header).")
-    (hlen,) = struct.unpack_from("<I", blob, p)
-    p += 4
-    if len(blob) < p + hlen + 4:
-        raise CodingError(f"'{path}' is truncated: the header needs {hlen} bytes, the file has "
-                          f"{max(0, len(blob) - p)} left.")
-    header = blob[p:p + hlen]
-    (crc,) = struct.unpack_from("<I", blob, p + hlen)
-    if zlib.crc32(header) != crc:
-        raise CodingError(f"'{path}' is corrupted: header checksum mismatch.")
-    try:
-        meta = json.loads(zlib.decompress(header))
-    except (zlib.error, ValueError) as err:
-        raise CodingError(f"'{path}' has an unreadable header: {err}") from err
-    if meta.get("format") != "graphprune.coded":
-        raise CodingError(f"'{path}' is not a graphprune coded file.")
-    payload = blob[p + hlen + 4:]
     out = {}
-    for e in meta["tensors"]:
-        off, ln = e["span"]
-        if off + ln > len(payload):
-            raise CodingError(f"'{path}' is truncated: tensor '{e['name']}' needs bytes "
-                              f"{off}..{off + ln} of a {len(payload)}-byte payload.")
-        data = payload[off:off + ln]
-        if zlib.crc32(data) != e["crc32"]:
-            raise CodingError(f"'{path}' is corrupted: checksum mismatch in tensor '{e['name']}'.")
+    for e, data in container.unpack(blob, path):
         try:
             out[e["name"]] = _decode_tensor(e, data)
-        except huffman.HuffmanError as err:
-            raise CodingError(f"'{path}': tensor '{e['name']}': {err}") from err
+        except (CodingError, huffman.HuffmanError) as err:
+            raise CodingError(f"'{path}' is corrupted: tensor '{e['name']}': {err}.") from err
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as err:
+            # a checksummed entry that does not add up: written by something else than encode()
+            raise CodingError(f"'{path}' is corrupted: tensor '{e['name']}' has an inconsistent "
+                              f"header entry ({type(err).__name__}: {err}).") from err
     return out

@@ -1,27 +1,37 @@
-"""Canonical Huffman coding of small-alphabet integer streams, vectorised with numpy.
+"""Canonical Huffman coding of small-alphabet integer streams (stage 7, coding).
 
 Codes are canonical (ordered by length, then symbol), so a table of code lengths is all a
-decoder needs. Decoding reads ``LOOKUP_BITS`` bits at a time through a table that yields every
-whole symbol in the window, which keeps the Python loop several symbols per step.
+decoder needs. Encoding packs the codes on 64-bit words with numpy. Decoding uses bitarray's
+C canonical decoder when ``bitarray`` is installed (imported on first use); without it, a numpy
+decoder computes the symbol at every bit position from lookup tables on k-bit windows and a
+short Python walk follows the chain of code starts (correct, about 4x slower).
 """
 
 from __future__ import annotations
 
 import heapq
+from functools import lru_cache
 
 import numpy as np
 
+from . import bits
+
 MAX_LEN = 24
-LOOKUP_BITS = 12
-BLOCK = 1 << 20  # bit positions whose lookup windows are computed at once
+TABLE_BITS = 16  # window of the numpy decoder's lookup table; longer codes use a binary search
+BLOCK = 1 << 20  # bit positions whose windows the numpy decoder computes at once
 
 
 class HuffmanError(ValueError):
-    pass
+    """A bitstream or code-length table that cannot be decoded (the codec names the file)."""
 
 
 def code_lengths(freq: np.ndarray) -> np.ndarray:
-    """Huffman code length per symbol (0 for unused symbols), capped at ``MAX_LEN``."""
+    """Huffman code length per symbol (0 for unused symbols), capped at ``MAX_LEN``.
+
+    Example:
+        >>> code_lengths(np.array([5, 1, 1, 0])).tolist()
+        [1, 2, 2, 0]
+    """
     freq = np.asarray(freq, dtype=np.int64)
     used = np.flatnonzero(freq > 0)
     lengths = np.zeros(freq.size, dtype=np.int64)
@@ -32,129 +42,193 @@ def code_lengths(freq: np.ndarray) -> np.ndarray:
         return lengths
     f = freq.astype(np.float64)
     while True:
-        heap = [(f[s], int(s), (int(s),)) for s in used]
-        heapq.heapify(heap)
-        depth = dict.fromkeys((int(s) for s in used), 0)
-        while len(heap) > 1:
-            fa, ka, a = heapq.heappop(heap)
-            fb, kb, b = heapq.heappop(heap)
-            for s in a + b:
-                depth[s] += 1
-            heapq.heappush(heap, (fa + fb, min(ka, kb), a + b))
-        for s, d in depth.items():
-            lengths[s] = d
+        lengths[used] = _depths(f[used].tolist(), used.tolist())
         if lengths.max() <= MAX_LEN:
             return lengths
         f = np.sqrt(f) + 1  # flatten the distribution until the longest code fits
 
 
+def _depths(weights: list[float], keys: list[int]) -> list[int]:
+    """Leaf depths of the Huffman tree; ties broken by the smallest symbol below a node, which
+    makes the lengths (and so the coded bytes) deterministic."""
+    n = len(weights)
+    heap = [(w, k, i) for i, (w, k) in enumerate(zip(weights, keys))]
+    heapq.heapify(heap)
+    parent = [0] * (2 * n - 1)
+    node = n
+    while len(heap) > 1:
+        fa, ka, a = heapq.heappop(heap)
+        fb, kb, b = heapq.heappop(heap)
+        parent[a] = parent[b] = node
+        heapq.heappush(heap, (fa + fb, min(ka, kb), node))
+        node += 1
+    depth = [0] * (2 * n - 1)
+    for i in range(2 * n - 3, -1, -1):  # parents are created after their children
+        depth[i] = depth[parent[i]] + 1
+    return depth[:n]
+
+
+def check_lengths(lengths: np.ndarray) -> None:
+    """Raise ``HuffmanError`` unless ``lengths`` (0 = unused) describe a prefix code of codes
+    at most ``MAX_LEN`` bits long (Kraft sum <= 1)."""
+    ln = np.asarray(lengths, dtype=np.int64)
+    if ln.size and (ln.min() < 0 or ln.max() > MAX_LEN):
+        raise HuffmanError(f"a code length is outside [0, {MAX_LEN}]")
+    used = ln[ln > 0]
+    if int(np.left_shift(1, MAX_LEN - used).sum()) > 1 << MAX_LEN:
+        raise HuffmanError("the code lengths do not describe a prefix code (Kraft sum above 1)")
+
+
+def _canonical(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(symbols in canonical order, their lengths, their codes left-aligned on the longest
+    length, that length). Canonical codes tile the code space in this order."""
+    ln = np.asarray(lengths, dtype=np.int64)
+    syms = np.flatnonzero(ln)
+    order = syms[np.lexsort((syms, ln[syms]))]
+    ls = ln[order]
+    maxlen = int(ls.max()) if ls.size else 0
+    cover = np.left_shift(1, maxlen - ls)
+    left = np.concatenate([[0], np.cumsum(cover)[:-1]]).astype(np.int64)
+    return order, ls, left, maxlen
+
+
 def canonical_codes(lengths: np.ndarray) -> np.ndarray:
-    """Canonical code value per symbol for the given lengths."""
-    codes = np.zeros(lengths.size, dtype=np.int64)
-    order = sorted((int(l), s) for s, l in enumerate(lengths) if l > 0)
-    code, prev = 0, 0
-    for i, (l, s) in enumerate(order):
-        if i:
-            code = (code + 1) << (l - prev)
-        codes[s] = code
-        prev = l
+    """Canonical code value per symbol for the given lengths.
+
+    Example:
+        >>> canonical_codes(np.array([1, 2, 2, 0])).tolist()
+        [0, 2, 3, 0]
+    """
+    codes = np.zeros(np.asarray(lengths).size, dtype=np.int64)
+    order, ls, left, maxlen = _canonical(lengths)
+    codes[order] = left >> (maxlen - ls)
     return codes
 
 
 def encode(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
-    """Bitstream (MSB first) of ``symbols`` and its length in bits."""
-    symbols = np.asarray(symbols, dtype=np.int64)
+    """Bitstream (MSB first) of ``symbols`` and its length in bits.
+
+    Example:
+        >>> encode(np.array([0, 1, 0, 2]), np.array([1, 2, 2]))
+        (b'L', 6)
+    """
+    symbols = np.asarray(symbols)
     if symbols.size == 0:
         return b"", 0
-    codes = canonical_codes(lengths)
-    ln = lengths[symbols]
-    if (ln == 0).any():
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ln = lengths.astype(np.uint8)[symbols]
+    if not ln.all():
         raise HuffmanError("a symbol to encode has no code")
-    cv = codes[symbols]
-    total = int(ln.sum())
-    ends = np.cumsum(ln)
-    starts = ends - ln
-    pos = np.arange(total) - np.repeat(starts, ln)  # bit index within its code
-    bits = (np.repeat(cv, ln) >> (np.repeat(ln, ln) - 1 - pos)) & 1
-    return np.packbits(bits.astype(np.uint8)).tobytes(), total
-
-
-def _tables(lengths: np.ndarray):
-    codes = canonical_codes(lengths)
-    L = LOOKUP_BITS
-    single_sym = np.full(1 << L, -1, dtype=np.int64)
-    single_len = np.zeros(1 << L, dtype=np.int64)
-    long_codes = {}
-    for s in np.flatnonzero(lengths):
-        l, c = int(lengths[s]), int(codes[s])
-        if l <= L:
-            lo = c << (L - l)
-            single_sym[lo:lo + (1 << (L - l))] = s
-            single_len[lo:lo + (1 << (L - l))] = l
-        else:
-            long_codes[(l, c)] = int(s)
-    # multi-symbol table: every whole symbol inside an L-bit window
-    multi: list[tuple[tuple[int, ...], int]] = []
-    for w in range(1 << L):
-        syms, used = [], 0
-        while used < L:
-            rest = ((w << used) & ((1 << L) - 1))
-            s = single_sym[rest]
-            ln = single_len[rest]
-            if s < 0 or used + ln > L:
-                break
-            syms.append(int(s))
-            used += int(ln)
-        multi.append((tuple(syms), used))
-    return multi, long_codes, int(lengths.max())
+    return bits.pack(canonical_codes(lengths).astype(np.uint32)[symbols], ln)
 
 
 def decode(data: bytes, nbits: int, count: int, lengths: np.ndarray) -> np.ndarray:
-    """Decode ``count`` symbols from the first ``nbits`` bits of ``data``."""
-    if count == 0:
+    """Decode ``count`` symbols that fill exactly the first ``nbits`` bits of ``data``.
+
+    Example:
+        >>> decode(b'L', 6, 4, np.array([1, 2, 2])).tolist()
+        [0, 1, 0, 2]
+
+    Raises:
+        HuffmanError: if the lengths are no prefix code, the data is shorter than ``nbits``,
+            a code is invalid, or the symbols do not fill the ``nbits`` bits exactly.
+    """
+    check_lengths(lengths)
+    if len(data) != (nbits + 7) // 8:
+        raise HuffmanError(f"the bitstream has {len(data)} bytes, {nbits} bits need "
+                           f"{(nbits + 7) // 8}")
+    if count == 0 or nbits == 0:
+        if count or nbits:
+            raise HuffmanError(f"{count} symbols cannot fill {nbits} bits")
         return np.zeros(0, dtype=np.int64)
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
-    if bits.size < nbits:
-        raise HuffmanError(f"bitstream truncated: {bits.size} bits, expected {nbits}")
-    L = LOOKUP_BITS
-    padded = np.concatenate([bits[:nbits], np.zeros(L + MAX_LEN, dtype=np.uint8)])
-    multi, long_codes, maxlen = _tables(lengths)
-    out = np.empty(count, dtype=np.int64)
-    n, p = 0, 0
-    base, win = 0, np.zeros(0, dtype=np.int64)
-    while n < count:
-        if p > nbits:
-            raise HuffmanError("bitstream ended before all symbols were decoded")
-        if p - base >= win.size:  # window values (next L bits as an int) for a block of positions
-            base = p
-            hi = min(nbits + 1, p + BLOCK)
-            seg = padded[p:hi + L].astype(np.int64)
-            win = np.zeros(hi - p, dtype=np.int64)
-            for j in range(L):
-                win = (win << 1) | seg[j:j + hi - p]
-        syms, used = multi[win[p - base]]
-        if syms:
-            k = min(len(syms), count - n)
-            out[n:n + k] = syms[:k]
-            n += k
-            p += used if k == len(syms) else _consumed(syms[:k], lengths)
-            continue
-        # a code longer than the lookup window
-        code = 0
-        for ln in range(1, maxlen + 1):
-            code = (code << 1) | int(padded[min(p + ln - 1, padded.size - 1)])
-            s = long_codes.get((ln, code))
-            if s is not None:
-                out[n] = s
-                n += 1
-                p += ln
-                break
-        else:
-            raise HuffmanError("invalid code in bitstream (corrupted data)")
-    if p > nbits:
-        raise HuffmanError("bitstream ended before all symbols were decoded")
+    canon = _canonical(lengths)
+    if canon[0].size == 0:
+        raise HuffmanError("the code-length table has no code")
+    ba = _bitarray()
+    if ba is not None:
+        return _decode_bitarray(ba, data, nbits, count, canon)
+    return _decode_numpy(data, nbits, count, canon)
+
+
+@lru_cache(maxsize=1)
+def _bitarray():
+    try:
+        import bitarray
+        import bitarray.util
+    except ImportError:
+        return None
+    return bitarray
+
+
+def _decode_bitarray(ba, data: bytes, nbits: int, count: int, canon) -> np.ndarray:
+    order, ls, _, maxlen = canon
+    stream = ba.bitarray(endian="big")
+    stream.frombytes(data)
+    del stream[nbits:]
+    per_len = np.bincount(ls, minlength=maxlen + 1).tolist()
+    it = ba.util.canonical_decode(stream, per_len, order.tolist())
+    try:
+        out = np.fromiter(it, dtype=np.int64, count=count)
+    except ValueError as err:  # an invalid code, or fewer symbols than announced
+        raise HuffmanError(f"the bitstream does not decode to {count} symbols "
+                           "(corrupted data)") from err
+    try:
+        extra = next(it, None) is not None
+    except ValueError:  # leftover bits that are not a whole code
+        extra = True
+    if extra:
+        raise HuffmanError(f"the bitstream holds more than the {count} symbols announced")
     return out
 
 
-def _consumed(syms: tuple[int, ...], lengths: np.ndarray) -> int:
-    return int(sum(int(lengths[s]) for s in syms))
+def _decode_numpy(data: bytes, nbits: int, count: int, canon) -> np.ndarray:
+    order, ls, left, maxlen = canon
+    k = min(maxlen, TABLE_BITS)
+    table = _window_table(canon, k)
+    words = bits.words32(data, (nbits + 7) // 8)
+    pieces, p = [], 0
+    while p < nbits and sum(x.size for x in pieces) <= count:
+        a = p & ~7
+        b = min(nbits, a + BLOCK)
+        w = words[a >> 3:(b + 7) >> 3]
+        win = np.empty((w.size, 8), dtype=np.uint32)
+        for j in range(8):  # the k-bit window at every bit position of the block
+            win[:, j] = (w << np.uint32(j)) >> np.uint32(32 - k)
+        v = table[win.reshape(-1)[: b - a]]  # (b - a,) symbol << 5 | length at each position
+        longer = np.flatnonzero(v == 0)
+        if longer.size:  # codes longer than the window: binary search on the maxlen-bit window
+            q = longer + a
+            full = ((words[q >> 3] << (q & 7).astype(np.uint32)) >> np.uint32(32 - maxlen))
+            i = np.searchsorted(left, full.astype(np.int64), side="right") - 1
+            ok = full < left[i] + np.left_shift(1, maxlen - ls[i])
+            v[longer] = np.where(ok, (order[i] << 5) | ls[i], -1)
+        step = np.where(v > 0, v & 31, 1).tolist()
+        r, n, starts = p - a, b - a, []
+        add = starts.append
+        while r < n:  # the chain of code starts (list indexing: the only per-symbol Python)
+            add(r)
+            r += step[r]
+        pieces.append(v[starts])
+        p = a + r
+    out = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    if (out <= 0).any():
+        raise HuffmanError("invalid code in the bitstream (corrupted data)")
+    if out.size != count or p != nbits:
+        raise HuffmanError(f"the bitstream does not decode to exactly {count} symbols "
+                           "(corrupted data)")
+    return out >> 5
+
+
+def _window_table(canon, k: int) -> np.ndarray:
+    """``symbol << 5 | length`` for every k-bit window; 0 where the code is longer than k
+    bits, -1 where no code starts (an incomplete code)."""
+    order, ls, left, maxlen = canon
+    table = np.full(1 << k, -1, dtype=np.int64)
+    short = ls <= k
+    cover = np.left_shift(1, k - ls[short])
+    n = int(cover.sum())
+    table[:n] = np.repeat((order[short] << 5) | ls[short], cover)  # canonical codes are in order
+    if not short.all():
+        end = int(left[-1]) + (1 << (maxlen - int(ls[-1])))
+        table[n:-(-end >> (maxlen - k))] = 0
+    return table

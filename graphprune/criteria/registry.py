@@ -43,7 +43,6 @@ class ScoreContext:
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     calibration: Any = None
     graph: Any = None
-    options: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)  # shared work across groups
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -17,9 +18,23 @@ from .onnx import export_onnx
 def export_bundle(out_dir: str | os.PathLike, model: nn.Module, example_inputs: Any, *,
                   result: Any = None, quantize: str | None = None, calibration: Any = None,
                   exporter: str = "auto", report: dict[str, Any] | None = None,
-                  calibrate_method: str = "minmax") -> dict[str, Any]:
+                  calibrate_method: str = "minmax",
+                  finish: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Write the bundle for ``model`` (the pruned model of ``result``, a ``PruneResult``, whose
-    masks, plan and report are saved too). Returns the report written to ``report.json``."""
+    masks, plan and report are saved too). Returns the report written to ``report.json``.
+
+    ``finish(stage_dir, report)`` runs after the model, masks and plan are staged and before
+    ``report.json`` is written: it may add files to the bundle and figures to the report (the
+    main job evaluates the staged model there). If anything fails, nothing is left behind.
+
+    Raises:
+        ExportError / ConfigError: the export failed or a setting is wrong (nothing is written).
+        OutputError: ``out_dir`` cannot be written.
+
+    Example:
+        >>> r = graphprune.prune(model, x, sparsity=0.5)
+        >>> graphprune.export_bundle("out/bundle", r.model, x, result=r)
+    """
     from .masks import save_masks
 
     rep: dict[str, Any] = dict(report or {})
@@ -39,6 +54,8 @@ def export_bundle(out_dir: str | os.PathLike, model: nn.Module, example_inputs: 
         if result is not None:
             save_masks(result.masks, os.path.join(stage, "masks.safetensors"), plan=result.plan)
             result.plan.save(os.path.join(stage, "plan.json"))
+        if finish is not None:
+            finish(stage, rep)
         atomic_write_text(os.path.join(stage, "report.json"),
                           json.dumps(rep, indent=1, default=_jsonable) + "\n")
     return rep

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import MaskFileError, PlanError
-from ..graph import ChannelGraph, trace
+from ..capture import trace
+from ..graph import ChannelGraph
 from .._safetensors import dumps
 from ..io import atomic_write_bytes, read_file
 from ..plan import GroupPlan, Plan

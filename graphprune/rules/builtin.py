@@ -1,3 +1,3 @@
 """Importing this module registers every built-in rule."""
 
-from . import aten, functional_layers, matmul, nn_attention, nn_modules, torch_ops  # noqa: F401
+from . import aten, functional_layers, matmul, nn_attention, nn_modules, recurrent, torch_ops  # noqa: F401

@@ -101,14 +101,20 @@ def broadcast(b: Builder, node: fx.Node, operands: list[Any]) -> TInfo | None:
     spec = out_spec(b, node)
     if not isinstance(spec, TensorSpec):
         return None
-    shape = spec.shape
-    n = len(shape)
-    out = TInfo(shape)
-    ops = []
+    given = []
     for a in operands:
         s = b.spec(a)
         if isinstance(s, TensorSpec):
-            ops.append((b.info(a) or TInfo(s.shape), s.shape, n - len(s.shape)))
+            given.append((b.info(a), s.shape))
+    return broadcast_infos(b, node, spec.shape, given)
+
+
+def broadcast_infos(b: Builder, node: fx.Node, shape: tuple[int, ...],
+                    operands: list[tuple[TInfo | None, tuple[int, ...]]]) -> TInfo:
+    """Broadcasting of operands given as (channel info, shape) to an output of ``shape``."""
+    n = len(shape)
+    out = TInfo(shape)
+    ops = [(info or TInfo(s), s, n - len(s)) for info, s in operands]
     covered: dict[int, Any] = {}  # out dim -> out axis
     for info, s, off in ops:
         for a in info.axes:
@@ -259,9 +265,13 @@ def size_deps(b: Builder, v: Any, depth: int = 12) -> list[tuple[TInfo | None, i
 
 
 def freeze_size_deps(b: Builder, node: fx.Node, values: Any, reason: str) -> None:
-    """Freeze the channels whose counts ``values`` are computed from."""
+    """Keep the counts ``values`` are computed from: a dim of a multi-dim channel axis (the
+    head_dim of (heads, head_dim)) is pinned, so pruning never changes its size; a plain channel
+    dim is frozen."""
     for info, d in size_deps(b, values):
-        e = b.along(info, d) if info is not None else None
+        if info is None or b.pin(info, d):
+            continue
+        e = b.along(info, d)
         if e is not None:
             b.freeze(e, reason)
 
@@ -416,7 +426,10 @@ def _constrain_sizes(b: Builder, node: fx.Node, out: TInfo, na: Any, sizes: list
             # of the layer that made this tensor): that count must stay, and so does this size
             freeze_size_deps(b, node, s, f"its count sizes another tensor at node '{node.name}'")
         elif isinstance(s, fx.Node) or s is None or s == -1 or _managed_literal(b, node, s) or (
-                isinstance(s, int) and _head_literal(b, node, sizes, d)):
+                isinstance(s, int) and _head_literal(b, node, sizes, d)) or (
+                b.exported and isinstance(s, int)):
+            # torch.export wrote every size as a literal, computed or not: the probe checks
+            # the model's own code on a pruned copy before the group may be pruned
             free.append(d)
     if not free:
         b.freeze(na.elems(), f"literal channel size in {node.target} at node '{node.name}'")

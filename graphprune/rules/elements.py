@@ -102,6 +102,7 @@ class Builder:
         self.infos: dict[fx.Node, Any] = {}
         self.values: dict[fx.Node, Any] = {}
         self.prefix = ""
+        self.exported = False  # the graph being read comes from torch.export (sizes are literals)
         self.unsupported: dict[str, list[str]] = {}  # op description -> node names
         self.value_coupled: list[tuple[np.ndarray, str]] = []
         self.modules: dict[str, Any] = {}  # module path -> module
@@ -204,8 +205,27 @@ class Builder:
         self.couple(np.repeat(g[:, :1], g.shape[1] - 1, axis=1), g[:, 1:])
         return g[:, 0].copy()
 
+    def pin(self, info: TInfo | None, dim: int) -> bool:
+        """Keep the size of ``dim`` fixed: in an axis spanning several dims (heads x head_dim),
+        couple every position along ``dim`` (for each coordinate of the other dims), so that
+        pruning removes whole rows of the other dims and never shrinks ``dim``. Returns False if
+        ``dim`` is a plain one-dim channel axis (the caller must freeze it) and True otherwise."""
+        a = info.axis_at(dim) if info is not None else None
+        if a is None:
+            return True
+        if len(a.dims) == 1:
+            return False
+        p = a.dims.index(dim)
+        m = np.moveaxis(a.grid(), p, -1).reshape(-1, a.sizes[p])
+        if m.shape[1] > 1:
+            self.couple(np.repeat(m[:, :1], m.shape[1] - 1, axis=1), m[:, 1:])
+        return True
+
     def link(self, elems: np.ndarray, info: TInfo | None, dim: int, reason: str) -> None:
-        """Couple ``elems`` with channel ``dim`` of ``info``, or freeze them if it has none."""
+        """Couple ``elems`` with channel ``dim`` of ``info``, or freeze them if it has none
+        (nothing to do when ``elems`` is None: a size-1 dim that carries no channel)."""
+        if elems is None:
+            return
         other = self.along(info, dim)
         if other is None or other.size != np.asarray(elems).size:
             self.freeze(elems, reason)

@@ -136,7 +136,7 @@ def conv_fn(b: Builder, node: fx.Node, m: Any = None) -> Any:
     ipg = cin // groups
     i = b.along(x, 1)
     wi_in = b.along(wi, 1)
-    if groups == 1:
+    if groups == 1 and wi_in is not None:  # a weight with one input channel has no axis there
         b.link(wi_in, x, 1, f"{reason}: its input is not a channel")
     elif ipg == 1:  # depthwise: input channel k and its outputs go together
         import numpy as np

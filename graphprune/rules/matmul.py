@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .elements import Axis, Builder, TInfo
-from .common import arg, out_spec
+from .common import arg, broadcast_infos, out_spec
 from .registry import op_rule
 
 
@@ -118,12 +118,20 @@ def matmul(b: Builder, node: fx.Node, m: Any = None) -> Any:
 
 @op_rule(F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 def sdpa(b: Builder, node: fx.Node, m: Any = None) -> Any:
+    """softmax(q @ k^T * scale + mask) @ v. The mask (a causal mask, T5's relative position bias
+    per head) is added to the scores with broadcasting, so a per-head mask couples with the
+    heads. With ``enable_gqa`` keys and values have fewer heads: query head ``h`` reads key/value
+    head ``h // (Hq / Hkv)``, so a key/value head and the query heads that share it go together."""
     q, k, v = node.args[0], arg(node, 1, "key"), arg(node, 2, "value")
     mask = arg(node, 3, "attn_mask")
     spec = out_spec(b, node)
     qs, ks, vs = b.spec(q).shape, b.spec(k).shape, b.spec(v).shape
+    ki, vi = b.info(k), b.info(v)
+    if node.kwargs.get("enable_gqa") and len(qs) >= 3 and ks[-3] != qs[-3]:
+        n_rep = qs[-3] // ks[-3]
+        ki, ks = _repeat_heads(b, node, ki, ks, n_rep), (*ks[:-3], qs[-3], *ks[-2:])
+        vi, vs = _repeat_heads(b, node, vi, vs, n_rep), (*vs[:-3], qs[-3], *vs[-2:])
     # scores = q @ k^T: transpose k's last two dims in the info
-    ki = b.info(k)
     kt = None
     if ki is not None:
         swap = {d: d for d in range(len(ks))}
@@ -143,5 +151,31 @@ def sdpa(b: Builder, node: fx.Node, m: Any = None) -> Any:
     scores = _product(b, node, b.info(q), qs, kt, kt.shape if kt else tuple(ks[:-2]) + (ks[-1], ks[-2]),
                       sspec, True)
     if isinstance(mask, fx.Node):
-        b.freeze_info(b.info(mask), f"attention mask at '{node.name}'")
-    return _product(b, node, scores, scores_shape, b.info(v), vs, spec, False)
+        ms = b.spec(mask)
+        shape = tuple(np.broadcast_shapes(scores_shape, ms.shape)) if ms is not None else None
+        if shape == scores_shape:
+            scores = broadcast_infos(b, node, scores_shape, [(scores, scores_shape),
+                                                            (b.info(mask), ms.shape)])
+        else:
+            b.freeze_info(b.info(mask), f"attention mask of another shape at '{node.name}'")
+    return _product(b, node, scores, scores_shape, vi, vs, spec, False)
+
+
+def _repeat_heads(b: Builder, node: fx.Node, info: TInfo | None, shape: tuple[int, ...],
+                  n_rep: int) -> TInfo | None:
+    """The info of ``x`` with its head dim (-3) repeated ``n_rep`` times per head (GQA)."""
+    if info is None:
+        return None
+    hd = len(shape) - 3
+    new_shape = (*shape[:hd], shape[hd] * n_rep, *shape[hd + 1:])
+    out = TInfo(new_shape)
+    for a in info.axes:
+        if hd not in a.dims:
+            if any(a.dims):
+                out.axes.append(a)
+            continue
+        grid = np.repeat(a.grid(), n_rep, axis=a.dims.index(hd))
+        na = b.new_axis(node.name + ":gqa", a.dims, grid.shape)
+        b.couple(na.elems(), grid.ravel())
+        out.axes.append(na)
+    return out

@@ -183,6 +183,10 @@ def cat(b: Builder, node: fx.Node, m: Any = None) -> Any:
         for a in info.axes:
             if not set(a.dims) & {d} and not any(set(a.dims) & set(o.dims) for o in out.axes):
                 b.freeze(a.elems(), f"cat with a tensor whose dim is not a channel at '{node.name}'")
+    multi = [i.axis_at(d) for i in infos]
+    if any(a is not None and len(a.dims) > 1 for a in multi):
+        out.axes.append(_cat_within(b, node, infos, d, spec.shape))
+        return out
     # the cat dim: each input's channels are a slice of the output axis
     ca = b.new_axis(node.name, (d,), (spec.shape[d],))
     off = 0
@@ -199,6 +203,35 @@ def cat(b: Builder, node: fx.Node, m: Any = None) -> Any:
         off += size
     out.axes.append(ca)
     return out
+
+
+def _cat_within(b: Builder, node: fx.Node, infos: list[TInfo], d: int,
+                shape: tuple[int, ...]) -> Any:
+    """cat along one dim of a multi-dim channel axis (``cat((-x2, x1), -1)`` rebuilding a head
+    from its halves): if every input has an axis over the same dims whose other sizes agree, the
+    output axis is the concatenation of their grids, element by element; otherwise frozen."""
+    axes = [i.axis_at(d) for i in infos]
+    ref = next(a for a in axes if a is not None and len(a.dims) > 1)
+    p = ref.dims.index(d)
+    rest = [s for j, s in enumerate(ref.sizes) if j != p]
+    ok = all(a is not None and a.dims == ref.dims
+             and [s for j, s in enumerate(a.sizes) if j != p] == rest for a in axes)
+    if not ok:
+        why = f"cat along one dim of a multi-dim channel axis at '{node.name}'"
+        for a in axes:
+            if a is not None:
+                b.freeze(a.elems(), why)
+        return _frozen_axis(b, node, d, shape, why)
+    grid = np.concatenate([a.grid() for a in axes], axis=p)
+    na = b.new_axis(node.name, ref.dims, grid.shape)
+    b.couple(na.elems(), grid.ravel())
+    return na
+
+
+def _frozen_axis(b: Builder, node: fx.Node, d: int, shape: tuple[int, ...], why: str) -> Any:
+    a = b.new_axis(node.name, (d,), (shape[d],))
+    b.freeze(a.elems(), why)
+    return a
 
 
 @op_rule(torch.stack)
@@ -325,6 +358,9 @@ def _index(b: Builder, node: fx.Node, x: TInfo, idx: Any, spec: TensorSpec) -> T
             out.axes.extend(keep_axes(b, node, TInfo(x.shape, [a]), dim_map, spec.shape, "",
                                       dim_map).axes)
             continue
+        if len(a.dims) > 1 and len(cut) < len(a.dims):
+            _slice_within(b, node, a, {d: sliced[d] for d in cut}, dim_map, out)
+            continue
         if len(a.dims) > 1 or any(not _slice_ok(sliced[d]) for d in cut):
             b.freeze(a.elems(), f"slicing channels with a step or a computed bound at '{node.name}'")
             continue
@@ -366,6 +402,39 @@ def _pick(b: Builder, node: fx.Node, a: Any, picked: dict[int, int], sliced: dic
     sel = tuple(picked[d] if d in picked else slice(None) for d in a.dims)
     sub = g[sel]
     dims = tuple(dim_map[d] for d in rest)
+    order = np.argsort(dims)
+    na = b.new_axis(node.name, tuple(np.asarray(dims)[order]),
+                    tuple(np.asarray(sub.shape)[order]))
+    b.couple(na.elems(), np.transpose(sub, order).ravel())
+    out.axes.append(na)
+
+
+def _slice_within(b: Builder, node: fx.Node, a: Any, cut: dict[int, slice],
+                  dim_map: dict[int, int], out: TInfo) -> None:
+    """``x[..., :d // 2]`` on one dim of a multi-dim channel axis (the head_dim of (heads,
+    head_dim), as rotary embeddings do): the sliced dims are pinned (every position along them
+    goes together, so they never shrink and the bounds stay right after pruning, whether literal
+    or computed) and the output carries the sub-grid of the axis."""
+    g = a.grid()
+    sel = []
+    for d, n in zip(a.dims, a.sizes):
+        if d in cut:
+            s = cut[d]
+            bounds = [b.spec(v) if isinstance(v, fx.Node) else v for v in (s.start, s.stop, s.step)]
+            if not all(v is None or isinstance(v, int) for v in bounds):
+                b.freeze(a.elems(), f"slicing channels with an unknown bound at '{node.name}'")
+                return
+            p = a.dims.index(d)
+            m = np.moveaxis(g, p, -1).reshape(-1, n)
+            if n > 1:
+                b.couple(np.repeat(m[:, :1], n - 1, axis=1), m[:, 1:])
+            sel.append(slice(*bounds))
+        else:
+            sel.append(slice(None))
+    sub = g[tuple(sel)]
+    if sub.size == 0:
+        return
+    dims = tuple(dim_map[d] for d in a.dims)
     order = np.argsort(dims)
     na = b.new_axis(node.name, tuple(np.asarray(dims)[order]),
                     tuple(np.asarray(sub.shape)[order]))

@@ -199,7 +199,7 @@ class ADMM:
             if example_inputs is None:
                 raise ConfigError("ADMM with ChannelSparsity removes coupled channels through the "
                                   "dependency graph: pass example_inputs=... .")
-            from ..graph import trace
+            from ..capture import trace
 
             self.graph = trace(model, example_inputs)
         self.steps = 0

@@ -55,7 +55,7 @@ class MaskPruner:
                                   "coupled channels through the dependency graph; pass "
                                   "example_inputs=... .")
             from ..criteria import get_criterion
-            from ..graph import trace
+            from ..capture import trace
 
             get_criterion(criterion)
             self.graph = trace(model, example_inputs)

@@ -56,7 +56,7 @@ def test_default_run_is_the_main_job(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     b, a = rep["before"], rep["after"]
     assert a["params"] < b["params"] and a["macs"] < b["macs"] and a["onnx_bytes"] < b["onnx_bytes"]
-    assert a["precision"] == "int8" and rep["recipe"]["prune"]["method"] == "lasso"
+    assert a["precision"] == "int8" and rep["recipe"]["prune"]["method"] == "l1"
     assert abs(a["accuracy_ort"] - a["accuracy_torch"]) <= 0.01
     assert a["accuracy_ort"] > 0.95 and b["accuracy_torch"] > 0.97
     assert "accuracy, onnxruntime" in r.stdout and "# graphprune report" in (out / "report.md").read_text()
@@ -93,7 +93,7 @@ def test_prune_a_repository_model_with_l1(tmp_path):
     (["--model", "digits", "--weights", "nope.safetensors"], "does not exist"),
     (["--model", "digits", "--input-shape", "1,1,12,12"], "example inputs do not fit"),
     (["--model", "digits", "--sparsity", "1.5"], "must be a float in [0, 1)"),
-    (["--model", "digits", "--method", "lasso2"], "Unknown pruning method"),
+    (["--model", "digits", "--method", "lasso2"], "invalid choice: 'lasso2'"),
     (["--model", "digits", "--data", "/nonexistent/folder"], "does not exist"),
     (["--model", "resnet20", "--data", "EMPTY_DIR", "--input-shape", "1,3,32,32"], "holds no images"),
     (["--model", "digits", "--recipe", "nope.yaml"], "cannot read recipe"),

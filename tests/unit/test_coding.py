@@ -1,14 +1,19 @@
 """Deep-Compression coding: exact round trips, golden bytes, corrupted files, and the
 compression a pruned + 4-bit k-means digits net reaches."""
 
+import json
 import os
+import random
+import struct
+import zlib
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import graphprune as gp
-from graphprune.coding import CodingError, decode, encode
+from graphprune.coding import CodingError, bits, decode, encode, huffman
 from graphprune.quantize import FixedPoint, KMeans, Linear, Naive, QuantizedTensor, quantize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -128,6 +133,161 @@ def test_weights_changed_after_quantization_are_refused(tmp_path):
         encode(q, tmp_path / "m.gpc")
     assert not (tmp_path / "m.gpc").exists()
 
+
+
+def _coded_file(tmp_path):
+    """A small coded file with sparse Huffman, linear and raw tensors."""
+    net = _net()
+    with torch.no_grad():  # prune 90% of the classifier's weights so that they code sparse
+        w = net[4].weight
+        w.mul_(w.abs() > w.abs().flatten().kthvalue(int(0.9 * w.numel())).values)
+    q = quantize(net, KMeans(bits=4))
+    p = tmp_path / "m.gpc"
+    rep = encode(q, p, rules={"0.weight": "linear"}, index_bits=4)
+    assert rep.tensors["4.weight"]["mode"] == "sparse" and rep.tensors["0.weight"]["kind"] == "linear"
+    return p, p.read_bytes(), q.model.state_dict()
+
+
+def test_a_file_shorter_than_its_header_is_reported_truncated(tmp_path):
+    p, data, _ = _coded_file(tmp_path)
+    bad = tmp_path / "short.gpc"
+    (hlen,) = struct.unpack_from("<I", data, 8)
+    for n in [*range(0, 40), *range(40, 16 + hlen, 5), 15 + hlen]:  # magic, length, header, CRC
+        bad.write_bytes(data[:n])
+        with pytest.raises(CodingError, match="truncated") as err:
+            decode(bad)
+        assert f"'{bad}'" in str(err.value)
+    bad.write_bytes(data[:7])
+    with pytest.raises(CodingError) as err:
+        decode(bad)
+    assert str(err.value) == (f"'{bad}' is truncated: a coded file has at least 16 bytes (magic, "
+                              "header length, header, header checksum); this one has 7.")
+    bad.write_bytes(data[:40])
+    with pytest.raises(CodingError) as err:
+        decode(bad)
+    assert str(err.value) == (f"'{bad}' is truncated: its header length field says {hlen} bytes, "
+                              f"so the file should have at least {16 + hlen} bytes; it has 40.")
+
+
+def test_garbage_after_the_magic_is_corruption_not_truncation(tmp_path):
+    bad = tmp_path / "garbage.gpc"
+    garbage = bytes(torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(0)).tolist())
+    bad.write_bytes(b"GPCODE\x00\x01" + struct.pack("<I", 2973664090) + garbage)
+    with pytest.raises(CodingError) as err:
+        decode(bad)
+    assert str(err.value) == (f"'{bad}' is corrupted: its header length field says 2973664090 "
+                              "bytes but the file has only 200 after it, and those do not start a "
+                              "coded header: the file is damaged, not truncated.")
+
+
+def test_bytes_appended_to_a_valid_file_are_refused(tmp_path):
+    p, data, ref = _coded_file(tmp_path)
+    assert all(torch.equal(v, ref[k]) for k, v in decode(p).items())
+    p.write_bytes(data + b"\x00")
+    with pytest.raises(CodingError) as err:
+        decode(p)
+    assert str(err.value) == (f"'{p}' has 1 byte of trailing data after its last tensor "
+                              f"'4.bias': the coded data ends at byte {len(data)} of "
+                              f"{len(data) + 1} (the file is corrupted, or something was "
+                              "appended to it).")
+
+
+@pytest.mark.parametrize("numel,distinct,dtype", [(64, 64, torch.float32), (300, 256, torch.float32),
+                                                  (200, 150, torch.float16), (4096, 4, torch.float32),
+                                                  (1000, 16, torch.float16), (256, 32, torch.float32)])
+def test_a_tensor_gets_its_own_codebook_only_when_that_is_smaller_than_raw(numel, distinct, dtype,
+                                                                          tmp_path):
+    g = torch.Generator().manual_seed(numel)
+    levels = torch.randn(distinct, generator=g).to(dtype)
+    t = levels[torch.cat([torch.arange(distinct), torch.randint(0, distinct, (numel - distinct,),
+                                                                generator=g)])]
+    auto = encode({"t": t}, tmp_path / "auto.gpc")
+    raw = encode({"t": t}, tmp_path / "raw.gpc", method="raw")
+    out = decode(tmp_path / "auto.gpc")["t"]
+    assert out.dtype == dtype and torch.equal(out, t)
+    if numel * t.element_size() <= distinct * 4 + distinct:  # codebook + code lengths alone
+        assert auto.tensors["t"]["kind"] == "raw" and auto.bytes == raw.bytes
+    if numel >= 1000:
+        assert auto.tensors["t"]["kind"] == "huffman" and auto.bytes < raw.bytes
+    assert auto.bytes <= raw.bytes
+
+
+def test_random_truncations_flips_and_appended_bytes_all_raise_coding_error(tmp_path):
+    p, data, _ = _coded_file(tmp_path)
+    rng = random.Random(0)
+    bad = tmp_path / "fuzz.gpc"
+    for i in range(300):
+        blob = bytearray(data)
+        if i % 3 == 0:
+            blob = blob[:rng.randrange(len(blob))]
+        elif i % 3 == 1:
+            for _ in range(rng.randint(1, 3)):
+                blob[rng.randrange(len(blob))] ^= rng.randint(1, 255)
+        else:
+            blob += bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+        bad.write_bytes(bytes(blob))
+        with pytest.raises(CodingError, match=f"'{bad}'"):
+            decode(bad)
+
+
+def test_headers_that_pass_their_checksum_but_do_not_add_up_raise_coding_error(tmp_path):
+    """A header rewritten with a valid checksum (another writer, a bug): CodingError, nothing else."""
+    p, data, _ = _coded_file(tmp_path)
+    (hlen,) = struct.unpack_from("<I", data, 8)
+    meta = json.loads(zlib.decompress(data[12:12 + hlen]))
+    rng = random.Random(1)
+    junk = [None, -1, 3, "x", [], {}, [1, 2], {"type": "codebook"}, 1.5, 10**30]
+    for _ in range(200):
+        m = json.loads(json.dumps(meta))
+        e = rng.choice(m["tensors"])
+        target = e
+        key = rng.choice(sorted(target))
+        if isinstance(target[key], dict) and target[key] and rng.random() < 0.5:
+            target = target[key]
+            key = rng.choice(sorted(target))
+        target[key] = rng.choice(junk)
+        header = zlib.compress(json.dumps(m, sort_keys=True, separators=(",", ":")).encode(), 9)
+        p.write_bytes(data[:8] + struct.pack("<I", len(header)) + header
+                      + struct.pack("<I", zlib.crc32(header)) + data[16 + hlen:])
+        try:
+            decode(p)
+        except CodingError:
+            pass
+
+
+def test_huffman_bytes_match_a_bit_string_reference_and_both_decoders_agree():
+    rng = np.random.default_rng(0)
+    for alphabet, n in [(1, 50), (2, 1), (16, 5000), (256, 3000), (22, 2000)]:
+        p = 0.5 ** np.arange(alphabet)  # skewed
+        sym = rng.choice(alphabet, size=n, p=p / p.sum())
+        sym[: min(n, alphabet)] = np.arange(min(n, alphabet))
+        lengths = huffman.code_lengths(np.bincount(sym, minlength=alphabet))
+        if alphabet == 22:  # lengths as for frequencies 2**21, 2**20, ...: codes up to 21 bits
+            lengths = huffman.code_lengths(2 ** np.arange(alphabet)[::-1])
+        codes = huffman.canonical_codes(lengths)
+        ref = "".join(format(int(codes[s]), f"0{int(lengths[s])}b") for s in sym)
+        data, nbits = huffman.encode(sym, lengths)
+        assert nbits == len(ref) and data == int(ref + "0" * (-nbits % 8), 2).to_bytes(len(data), "big")
+        fast = huffman.decode(data, nbits, n, lengths)
+        slow = huffman._decode_numpy(data, nbits, n, huffman._canonical(lengths))
+        assert np.array_equal(fast, sym) and np.array_equal(slow, sym)
+    assert lengths.max() > huffman.TABLE_BITS  # the numpy decoder's long-code path ran
+    widths = rng.integers(1, 33, size=500)
+    values = rng.integers(0, 1 << 62, size=500) & ((1 << widths) - 1)
+    data, nbits = bits.pack(values, widths)
+    assert data == int("".join(format(int(v), f"0{w}b") for v, w in zip(values, widths))
+                       + "0" * (-nbits % 8), 2).to_bytes(len(data), "big")
+    data, nbits = bits.pack(values % 8, np.full(500, 3))
+    assert nbits == 1500 and np.array_equal(bits.unpack_fixed(data, 3, 500), values % 8)
+
+
+def test_files_decode_the_same_without_bitarray(tmp_path, monkeypatch):
+    p, _, ref = _coded_file(tmp_path)
+    monkeypatch.setattr(huffman, "_bitarray", lambda: None)
+    out = decode(p)
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
+    out = decode(GOLDEN)
+    assert torch.equal(out["w"], tiny_state()[0]["w"])
 
 @pytest.mark.slow
 def test_pruned_kmeans_digits_net_codes_30x_smaller_within_1_point(tmp_path):

@@ -138,5 +138,5 @@ def test_fold_batchnorm_on_an_export_graph():
 
 
 def test_unknown_tracer_is_a_config_error():
-    with pytest.raises(gp.ConfigError, match="tracer must be one of"):
+    with pytest.raises(gp.ConfigError, match="The 'tracer' parameter of trace must be one of"):
         gp.trace(_net(), torch.randn(1, 3, 16, 16), tracer="dynamo")

@@ -1,0 +1,118 @@
+"""The capture policy, above graph and apply: how a model becomes a ``ChannelGraph``.
+
+torch.fx first (module-level graph, cheap). If fx cannot trace the model's own forward, or can only
+trace it by hiding parameterised blocks as opaque leaves, ``torch.export`` captures it instead
+(ATen-level graph, parameters mapped back to their names) and the graph with more prunable
+channels wins. An export graph is *probed* (``probe``): shape arithmetic the exporter
+specialised to literals would break after pruning, so groups whose removal does not reproduce
+the masked original are frozen, in a new graph. Modules that only run in training mode are
+captured in a second, training-mode trace. Capturing never changes the caller's model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ._checks import checks
+from ._validate import check_choice
+from .errors import GraphPruneError, TraceError
+from .graph import ChannelGraph
+from .grouping import build_graph
+from .probe import probe_export_graph
+from .rules.registry import module_rule_for
+from .trace import Traced, export_trace, trace_model
+
+
+def _unreached(model: nn.Module, traced: Traced) -> list[str]:
+    """Modules with parameters that the trace never calls (nor any ancestor) nor reads."""
+    used: set[str] = set()
+    for node in traced.graph.nodes:
+        if node.op == "call_module":
+            used.add(node.target)
+        elif node.op == "get_attr":
+            used.add(node.target.rpartition(".")[0])
+    out = []
+    for name, m in model.named_modules():
+        if m._parameters and any(p is not None for p in m._parameters.values()):
+            parts = name.split(".")
+            if not any(".".join(parts[:i]) in used for i in range(1, len(parts) + 1)):
+                out.append(name)
+    return out
+
+
+TRACERS = ("auto", "fx", "export")
+
+
+def _frozen_leaves(model: nn.Module, t: Traced) -> list[str]:
+    """Opaque fx leaves with parameters and no module rule: their channels would be frozen."""
+    mods = dict(model.named_modules())
+    return [p for p in t.leaves if p in mods and module_rule_for(mods[p]) is None
+            and any(True for _ in mods[p].parameters())]
+
+
+def _export_graph(model: nn.Module, example_inputs: Any, why: str, strict: bool) -> ChannelGraph:
+    g = build_graph(model, [export_trace(model, example_inputs, why=why)], strict=strict)
+    return g.with_frozen(probe_export_graph(g))
+
+
+def trace(model: nn.Module, example_inputs: Any, *, tracer: str = "auto",
+          strict: bool | None = None) -> ChannelGraph:
+    """Trace ``model`` into its channel-dependency graph.
+
+    ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs
+    (batch first). The model is traced in eval mode; if some of its parameterised modules run only
+    in training mode (an auxiliary classifier), the training graph is traced too and both are
+    honoured. The model itself is not modified.
+
+    ``tracer``: ``"fx"`` (torch.fx symbolic tracing; module-level graph), ``"export"``
+    (``torch.export``; ATen-level graph, follows shape-dependent Python control flow on the example
+    inputs) or ``"auto"`` (fx, falling back to torch.export when fx cannot trace the model's own
+    forward, or when modules fx could not trace would freeze channels that torch.export can see
+    through). ``graph.tracer`` and ``graph.tracer_reason`` say which was used and why.
+
+    ``strict``: a channel rule that crashes raises instead of freezing the channels it touches
+    (for rule authors and test suites; default: ``graphprune.checks().strict``).
+
+    Raises:
+        TraceError: neither torch.fx nor torch.export can capture the model.
+        InputError: the example inputs do not fit the model's forward.
+        ConfigError: an unknown ``tracer``.
+
+    Example:
+        >>> g = graphprune.trace(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+        >>> len(g.prunable_groups)
+    """
+    check_choice(tracer, "tracer", "trace", TRACERS)
+    strict = checks().strict if strict is None else bool(strict)
+    if tracer == "export":
+        return _export_graph(model, example_inputs, "requested", strict)
+    try:
+        traced = [trace_model(model, example_inputs, mode="eval")]
+    except TraceError as e:
+        if tracer == "fx" or not isinstance(model, nn.Module):
+            raise
+        try:
+            return _export_graph(model, example_inputs, f"torch.fx failed: {e}", strict)
+        except TraceError as e2:
+            raise TraceError(f"{e}\n{e2}") from e
+    if _unreached(model, traced[0]):
+        try:
+            t2 = trace_model(model, example_inputs, mode="train")
+        except GraphPruneError:
+            t2 = None
+        if t2 is not None and len(_unreached(model, t2)) < len(_unreached(model, traced[0])):
+            traced.append(t2)
+    g = build_graph(model, traced, strict=strict)
+    frozen = _frozen_leaves(model, traced[0]) if tracer == "auto" else []
+    if frozen:
+        try:
+            why = (f"torch.fx could not trace {len(frozen)} module(s) with parameters "
+                   f"({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''})")
+            g2 = _export_graph(model, example_inputs, why, strict)
+        except GraphPruneError:
+            return g
+        if g2.prunable_channels > g.prunable_channels:
+            return g2
+    return g
