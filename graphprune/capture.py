@@ -22,7 +22,8 @@ from .graph import ChannelGraph
 from .grouping import build_graph
 from .probe import probe_export_graph
 from .rules.registry import module_rule_for
-from .trace import Traced, export_trace, trace_model
+from .hf.loading import capture_kwargs, is_hf_model
+from .trace import Inputs, Traced, export_trace, normalize_inputs, trace_model
 
 
 def _unreached(model: nn.Module, traced: Traced) -> list[str]:
@@ -86,6 +87,12 @@ def trace(model: nn.Module, example_inputs: Any, *, tracer: str = "auto",
     """
     check_choice(tracer, "tracer", "trace", TRACERS)
     strict = checks().strict if strict is None else bool(strict)
+    if is_hf_model(model):  # no KV cache while capturing; HF forwards need torch.export
+        args, kwargs = normalize_inputs(example_inputs)
+        example_inputs = Inputs(args, capture_kwargs(model, kwargs))
+        if tracer == "auto":
+            tracer, why = "export", "a Hugging Face model (torch.fx cannot trace its forward)"
+            return _export_graph(model, example_inputs, why, strict)
     if tracer == "export":
         return _export_graph(model, example_inputs, "requested", strict)
     try:

@@ -392,10 +392,17 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- main
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line (``--help`` shows the usage), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="graphprune", description="Prune PyTorch models physically "
-                                "through their channel-dependency graph and ship them to ONNX.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="graphprune", description="Prune PyTorch models physically "
+                "through their channel-dependency graph and ship them to ONNX.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     pi = sub.add_parser("inspect", help="show the channel groups of a model")
     _common(pi)

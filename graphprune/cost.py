@@ -21,6 +21,7 @@ _aten = torch.ops.aten
 _MATMUL = (torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm",
            _aten.matmul.default, _aten.bmm.default, _aten.mm.default)
 _LINEAR = (torch.nn.functional.linear, _aten.linear.default)
+_EINSUM = (torch.einsum, _aten.einsum.default)
 _CONV = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
          torch.conv2d, torch.conv1d, torch.conv3d, _aten.conv1d.default, _aten.conv2d.default,
          _aten.conv3d.default)
@@ -107,6 +108,8 @@ def node_macs(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, An
             return _conv_macs(m, x, out)
         if isinstance(m, nn.Linear):
             return _numel(out) * (x[-1] if isinstance(x, tuple) and x else m.in_features)
+        if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):  # transformers' Conv1D (in, out)
+            return _numel(out) * (x[-1] if isinstance(x, tuple) and x else m.nx)
         if isinstance(m, nn.Bilinear):
             return _numel(out) * m.in1_features * m.in2_features
         if isinstance(m, nn.MultiheadAttention) and len(node.args) >= 2:
@@ -127,7 +130,15 @@ def node_macs(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, An
             a = shp(node.args[0])
             if isinstance(a, tuple) and a:
                 return _numel(out) * a[-1]
-        if t is _aten.addmm.default and len(node.args) > 1:
+        if t in _EINSUM and node.args and isinstance(node.args[0], str):
+            from .rules.einsum import einsum_macs
+
+            ops = node.args[1:]
+            if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+                ops = ops[0]
+            return einsum_macs(node.args[0], [shp(o) for o in ops]) if all(
+                isinstance(shp(o), tuple) for o in ops) else 0
+        if t in (_aten.addmm.default, torch.addmm, "addmm") and len(node.args) > 1:
             a = shp(node.args[1])
             if isinstance(a, tuple) and a:
                 return _numel(out) * a[-1]

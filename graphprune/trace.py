@@ -14,7 +14,7 @@ import copy
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -22,6 +22,7 @@ from torch import nn
 
 from ._modcopy import copy_tree, meta_args, to_meta
 from .errors import InputError, TraceError
+from .rules.registry import is_rule_leaf
 
 MAX_LEAF_RETRIES = 64
 
@@ -65,8 +66,17 @@ class Traced:
         return fx.GraphModule(self.root, self.graph, type(self.model).__name__)
 
 
+class Inputs(NamedTuple):
+    """Positional and keyword inputs of one forward call, already separated."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
 def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Turn a tensor, a tuple/list of positional inputs or a dict of keyword inputs into args."""
+    if isinstance(example_inputs, Inputs):
+        return tuple(example_inputs.args), dict(example_inputs.kwargs)
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
     if isinstance(example_inputs, Mapping):
@@ -103,6 +113,8 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        if is_rule_leaf(m):  # a channel rule describes the whole module (transformers' Conv1D)
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -172,10 +172,12 @@ def _resize_modules(graph: ChannelGraph, mods: dict[str, nn.Module], shapes: dic
         for node in t.graph.nodes:
             if node.op == "call_module" and node.args and isinstance(node.args[0], fx.Node):
                 touched[node.target] = shapes.get((k, node.args[0].name))
-    # modules whose parameters were sliced but that are not leaves (e.g. LayerNorm2d), and every
+    # modules whose parameters were sliced but that are not leaves (e.g. LayerNorm2d), their
+    # ancestors (a Swin attention whose qkv Linear changed computes with its width), and every
     # recurrent module: its kernel reads a list of the tensors that were just replaced
     rnns = {n for n, m in mods.items() if isinstance(m, nn.RNNBase)}
-    for name in pruned_owners | rnns:
+    ancestors = {name.rsplit(".", k)[0] for name in pruned_owners for k in range(1, name.count(".") + 1)}
+    for name in pruned_owners | ancestors | rnns:
         if name not in touched and name in mods:
             touched[name] = None
     for name, in_shape in touched.items():

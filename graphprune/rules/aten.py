@@ -8,9 +8,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+import numpy as np
+
 from . import functional_layers as functional, matmul, torch_ops as functions
 from .elements import Builder, TInfo
-from .common import keep_axes, out_spec, spatial
+from .common import SPLIT_SIZE_ATTRS, _enclosing_modules, broadcast, keep_axes, out_spec, spatial
 from .registry import op_rule
 
 aten = torch.ops.aten
@@ -36,8 +38,7 @@ op_rule(*_ops("scaled_dot_product_attention.default"))(matmul.sdpa)
 op_rule(*_ops("cat.default", "concat.default"))(functions.cat)
 op_rule(*_ops("stack.default"))(functions.stack)
 op_rule(*_ops("softmax.int", "log_softmax.int", "_softmax.default"))(functions.softmax)
-op_rule(*_ops("split.Tensor", "chunk.default", "unbind.int", "split_with_sizes.default"))(
-    functions.split)
+op_rule(*_ops("chunk.default", "unbind.int", "split_with_sizes.default"))(functions.split)
 op_rule(*_ops("reshape.default", "view.default", "expand.default", "_unsafe_view.default"))(
     functions.view)
 op_rule(*_ops("unflatten.int"))(functions.unflatten)
@@ -56,11 +57,14 @@ op_rule(*_ops(
     "elu.default", "elu_.default", "mish.default", "softplus.default", "clamp.default",
     "clamp_.default", "abs.default", "neg.default", "exp.default", "sqrt.default",
     "rsqrt.default", "contiguous.default", "_to_copy.default", "to.dtype", "erf.default",
-    "relu6.default"))(functions.unary)
+    "relu6.default", "to.dtype_layout", "to.device", "log.default", "sin.default", "cos.default",
+    "reciprocal.default", "square.default", "lift_fresh_copy.default"))(functions.unary)
 op_rule(*_ops("add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor", "mul.Tensor",
               "mul_.Tensor", "div.Tensor", "div_.Tensor", "where.self", "maximum.default",
               "minimum.default", "pow.Tensor_Tensor", "add.Scalar", "mul.Scalar", "div.Scalar",
-              "sub.Scalar", "pow.Tensor_Scalar"))(functions.binary)
+              "sub.Scalar", "pow.Tensor_Scalar", "masked_fill.Scalar", "masked_fill.Tensor",
+              "where.ScalarOther", "where.ScalarSelf", "where.Scalar"))(
+    functions.binary)
 
 
 def _spatial2(b: Builder, node: fx.Node, m: Any = None) -> Any:
@@ -133,3 +137,75 @@ def embedding(b: Builder, node: fx.Node, m: Any = None) -> Any:
     b.source(oa.elems())
     out.axes.append(oa)
     return out
+
+
+# ------------------------------------------------------------------ affine matrix products
+def _weight_of(b: Builder, n: Any) -> tuple[fx.Node, dict[int, int]] | None:
+    """(parameter node, operand dim -> parameter dim) if matrix operand ``n`` is a 2-d
+    parameter, possibly transposed (``addmm(bias, x, weight.t())`` of a decomposed linear)."""
+    if not isinstance(n, fx.Node) or b.spec(n) is None or b.spec(n).ndim != 2:
+        return None
+    if n in b.param_nodes:
+        return n, {0: 0, 1: 1}
+    base = getattr(n.target, "__name__", str(n.target)).split(".")[0]
+    swaps = base in ("t", "transpose") or (base == "permute" and list(n.args[1]) == [1, 0])
+    if swaps and n.args[0] in b.param_nodes:
+        return n.args[0], {0: 1, 1: 0}
+    return None
+
+
+@op_rule(*_ops("addmm.default", "mm.default", "baddbmm.default"), torch.addmm, torch.mm,
+         torch.baddbmm, "addmm", "mm", "baddbmm")
+def addmm(b: Builder, node: fx.Node, m: Any = None) -> Any:
+    """``addmm(input, mat1, mat2)`` = ``beta * input + alpha * mat1 @ mat2`` (``mm`` without
+    ``input``; ``baddbmm`` batched). As transformers' ``Conv1D`` it is a linear layer whose
+    weight is ``mat2`` (in, out): its columns produce the output channels."""
+    spec = out_spec(b, node)
+    with_input = functions.base_name(node) != "mm"
+    a, c = node.args[int(with_input)], node.args[int(with_input) + 1]
+    prod = matmul._product(b, node, b.info(a), b.spec(a).shape, b.info(c), b.spec(c).shape, spec,
+                           False)
+    w = _weight_of(b, c) if spec.ndim == 2 else None
+    if w is not None:  # a weight (in, out): its columns produce the output's channels
+        e = b.along(prod, 1)
+        if e is not None:
+            b.source(e)
+        b.set_roles(w[0], {w[1][0]: "in", w[1][1]: "out"})
+    if not with_input or not isinstance(node.args[0], fx.Node):
+        return prod
+    if w is not None:
+        b.set_roles(node.args[0], {0: "out"})  # the bias of the layer
+    # ``input`` broadcasts against the product: an elementwise sum of the two (the product is
+    # handed to ``broadcast`` as the info of this node itself)
+    b.infos[node] = prod
+    return broadcast(b, node, [node, node.args[0]])
+
+
+@op_rule(*_ops("split.Tensor"))
+def split(b: Builder, node: fx.Node, m: Any = None) -> Any:
+    """``split(x, size, dim)`` whose literal ``size`` is a split-size attribute of the module
+    (GPT-2's fused ``c_attn`` output split in q, k and v by ``self.split_size``): the pieces are
+    equal and stay equal, so the same local channel goes in every piece, and the attribute is
+    refreshed after pruning. Any other split is the general rule's."""
+    spec = out_spec(b, node)
+    x = b.info(node.args[0])
+    size = node.args[1] if len(node.args) > 1 else None
+    d = (node.args[2] if len(node.args) > 2 else 0) % spec[0].ndim if spec else 0
+    first = next((u for u in node.users if getattr(u.target, "__name__", "") == "getitem"
+                  and u.args[1] == 0), None)
+    owner = next(((p, a) for p, mod in _enclosing_modules(b, node)[:2] for a in SPLIT_SIZE_ATTRS
+                  if isinstance(size, int) and getattr(mod, a, None) == size), None)
+    ax = x.axis_at(d) if x is not None else None
+    if owner is None or first is None or ax is None or len(ax.dims) > 1 or \
+            len({p.shape[d] for p in spec}) != 1:
+        return functions.split(b, node)
+    rows = b.along(x, d).reshape(len(spec), -1)
+    b.couple(np.repeat(rows[:1], len(spec) - 1, axis=0), rows[1:])
+    b.attr_sizes.append((owner[0], owner[1], first, d))
+    others = [o for o in x.axes if d not in o.dims]
+    out = []
+    for k, p in enumerate(spec):
+        na = b.new_axis(f"{node.name}[{k}]", (d,), (p.shape[d],))
+        b.couple(na.elems(), rows[k])
+        out.append(TInfo(p.shape, list(others) + [na]))
+    return tuple(out)

@@ -116,20 +116,49 @@ def broadcast_infos(b: Builder, node: fx.Node, shape: tuple[int, ...],
     out = TInfo(shape)
     ops = [(info or TInfo(s), s, n - len(s)) for info, s in operands]
     covered: dict[int, Any] = {}  # out dim -> out axis
+    source: dict[int, tuple[tuple[int, ...], int]] = {}  # id(out axis) -> (operand shape, offset)
+
+    def is_table(s: tuple[int, ...], off: int, dims: tuple[int, ...], wide: Any) -> bool:
+        """The operand is the same for every row of ``wide`` outside ``dims`` (size 1 there):
+        one cos/sin table per head_dim position, broadcast over the heads."""
+        return set(dims) < set(wide.dims) and all(d < off or s[d - off] == 1
+                                                  for d in wide.dims if d not in dims)
+
+    def place(a: Any, s: tuple[int, ...], off: int, dims: tuple[int, ...]) -> Any:
+        na = a if off == 0 else b.mirror(node.name, TInfo(s, [a]), shape,
+                                          {d: d + off for d in a.dims}).axes[0]
+        out.axes.append(na)
+        for d in dims:
+            covered[d] = na
+        source[id(na)] = (s, off)
+        return na
+
+    table_why = f"broadcast over every row of a wider channel axis at node '{node.name}'"
     for info, s, off in ops:
         for a in info.axes:
             dims = tuple(d + off for d in a.dims)
             if any(s[d] != shape[d + off] for d in a.dims):
                 continue  # this operand broadcasts along the axis: no constraint
             hit = {id(covered[d]): covered[d] for d in dims if d in covered}
+            one = next(iter(hit.values())) if len(hit) == 1 else None
             if not hit:
-                na = a if off == 0 else b.mirror(node.name, TInfo(s, [a]), shape,
-                                                  {d: d + off for d in a.dims}).axes[0]
-                out.axes.append(na)
+                place(a, s, off, dims)
+            elif one is not None and one.dims == dims:
+                b.couple(one.elems(), a.elems())
+            elif one is not None and is_table(s, off, dims, one):
+                # a table for every row of the wider axis: its dims keep their size, the table
+                # stays, whole rows may go
                 for d in dims:
-                    covered[d] = na
-            elif len(hit) == 1 and next(iter(hit.values())).dims == dims:
-                b.couple(next(iter(hit.values())).elems(), a.elems())
+                    b.pin(TInfo(shape, [one]), d)
+                b.freeze(a.elems(), table_why)
+            elif one is not None and is_table(*source[id(one)], one.dims, TInfo(s, [a]).axes[0]
+                                              if off == 0 else _shifted(a, off)):
+                # the table came first: the wider axis takes its place
+                out.axes.remove(one)
+                b.freeze(one.elems(), table_why)
+                wide = place(a, s, off, dims)
+                for d in one.dims:
+                    b.pin(TInfo(shape, [wide]), d)
             else:  # different axis structure on the same dims: couple dim by dim; a dim of
                 # this axis that no output axis carries keeps its size (``along`` the covered
                 # dims ties its positions together)
@@ -158,6 +187,13 @@ def broadcast_infos(b: Builder, node: fx.Node, shape: tuple[int, ...],
             m = np.moveaxis(g, p, -1).reshape(-1, g.shape[p])
             b.couple(np.repeat(m[:, :1], m.shape[1] - 1, axis=1), m[:, 1:])
     return out
+
+
+def _shifted(a: Any, off: int) -> Any:
+    """A view of axis ``a`` with its dims moved by ``off`` (output space), for comparisons."""
+    from .elements import Axis
+
+    return Axis(tuple(d + off for d in a.dims), a.sizes, a.base, a.node)
 
 
 def spatial(b: Builder, node: fx.Node, x: TInfo | None, n_spatial: int) -> Any:
@@ -345,11 +381,15 @@ def _managed_literal(b: Builder, node: fx.Node, s: Any) -> bool:
     return False
 
 
+# attributes of a module holding the size a fused projection's output is split by (GPT-2's
+# ``c_attn(x).split(self.split_size, dim=2)``): refreshed after pruning like head counts
+SPLIT_SIZE_ATTRS = ("split_size",)
+
 # attributes of an attention module that hold a head count or the heads' total width; a literal
 # equal to one of them in a reshape inside that module is refreshed after pruning
 HEAD_COUNT_ATTRS = ("num_heads", "heads", "n_heads")
 HEAD_WIDTH_ATTRS = ("attn_dim", "all_head_dim", "inner_dim", "num_heads_x_head_dim")
-HEAD_DIM_ATTRS = ("head_dim", "dim_head", "head_size")
+HEAD_DIM_ATTRS = ("head_dim", "dim_head", "head_size", "key_value_proj_dim")
 
 
 def _enclosing_modules(b: Builder, node: fx.Node) -> list[tuple[str, Any]]:
@@ -382,6 +422,21 @@ def _head_literal(b: Builder, node: fx.Node, sizes: list[Any], d: int) -> bool:
                 b.attr_sizes.append((path, a, node, d))
                 return True
     return False
+
+
+def _inferred_heads(b: Builder, node: fx.Node, sizes: list[Any], d: int, n: int) -> None:
+    """``view(B, T, -1, self.head_dim)`` in an attention module whose head count attribute is
+    the inferred size ``n``: the attribute follows the heads that remain (GPT-2 keeps
+    ``num_heads`` for information; other code may read it)."""
+    for path, m in _enclosing_modules(b, node)[:2]:
+        hd = next((getattr(m, a) for a in HEAD_DIM_ATTRS if isinstance(getattr(m, a, None), int)),
+                  None)
+        if hd is None or d + 1 >= len(sizes) or sizes[d + 1] != hd:
+            continue
+        for a in HEAD_COUNT_ATTRS:
+            if getattr(m, a, None) == n:
+                b.attr_sizes.append((path, a, node, d))
+                return
 
 
 def _pin_size_sources(b: Builder, node: fx.Node, out: TInfo, sizes: list[Any] | None) -> None:
@@ -431,6 +486,8 @@ def _constrain_sizes(b: Builder, node: fx.Node, out: TInfo, na: Any, sizes: list
             # torch.export wrote every size as a literal, computed or not: the probe checks
             # the model's own code on a pruned copy before the group may be pruned
             free.append(d)
+            if s is None or s == -1:
+                _inferred_heads(b, node, sizes, d, out.shape[d])
     if not free:
         b.freeze(na.elems(), f"literal channel size in {node.target} at node '{node.name}'")
     elif len(na.dims) > 1:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from ..trace import TensorSpec
 from .elements import Builder, TInfo
 from .common import (
-    arg, base_name, broadcast, concrete, empty_like_spec, keep_axes, movement, norm_dim, out_spec,
-    reduce, spatial,
+    HEAD_COUNT_ATTRS, _enclosing_modules, arg, base_name, broadcast, concrete, empty_like_spec,
+    keep_axes, movement, norm_dim, out_spec, reduce, spatial,
 )
 from .registry import op_rule
 
@@ -36,12 +36,7 @@ _UNARY = [
     "double", "bfloat16", "to", "type", "cpu", "cuda", "requires_grad_", "erf", "sin", "cos", "log",
     "reciprocal", "sign", "exp_", "nan_to_num", "hardswish", "hardsigmoid", "gelu", "silu",
 ]
-try:
-    from torchvision.ops import stochastic_depth as _sd
-
-    _UNARY.append(_sd)
-except Exception:  # torchvision is optional
-    pass
+_UNARY.append("torchvision.ops.stochastic_depth.stochastic_depth")  # by name: imports nothing
 
 
 @op_rule(*_UNARY)
@@ -74,6 +69,32 @@ def binary(b: Builder, node: fx.Node, m: Any = None) -> Any:
     ops = list(node.args) + [v for k, v in node.kwargs.items() if k in ("other", "input", "tensor1",
                                                                          "tensor2", "end", "mask")]
     return broadcast(b, node, ops)
+
+
+_CREATE = (torch.zeros, torch.ones, torch.full, torch.empty, "new_zeros", "new_ones", "new_full",
+           "new_empty", *(getattr(torch.ops.aten, n).default for n in (
+               "zeros", "ones", "full", "new_zeros", "new_ones", "new_full")),
+           torch.ops.aten.empty.memory_format, torch.ops.aten.new_empty.default)
+
+
+@op_rule(*_CREATE)
+def created(b: Builder, node: fx.Node, m: Any = None) -> Any:
+    """A tensor made from sizes: a dim whose size is a head count the enclosing attention module
+    holds (T5's zero position bias ``zeros((1, self.n_heads, q, k))``) follows the heads (the
+    attribute is refreshed after pruning); every other dim is not a channel."""
+    spec = out_spec(b, node)
+    if not isinstance(spec, TensorSpec):
+        return empty_like_spec(spec)
+    out = TInfo(spec.shape)
+    for d, n in enumerate(spec.shape):
+        if n <= 1:
+            continue
+        owner = next(((p, a) for p, mod in _enclosing_modules(b, node)[:2]
+                      for a in HEAD_COUNT_ATTRS if getattr(mod, a, None) == n), None)
+        if owner is not None and not out.axes:
+            out.axes.append(b.new_axis(node.name, (d,), (n,)))
+            b.attr_sizes.append((owner[0], owner[1], node, d))
+    return out
 
 
 @op_rule(torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.rand_like,

@@ -15,7 +15,7 @@ def gp(*args, cwd=ROOT, cache=None):
     if cache is not None:
         env["XDG_CACHE_HOME"] = str(cache)
     return subprocess.run([sys.executable, "-m", "graphprune", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
 
 
 def test_inspect_json_dot_png(tmp_path):
