@@ -12,7 +12,7 @@ from .errors import (
     ConfigError, ExportError, GraphPruneError, InputError, MaskFileError, ParityError, PlanError,
     TraceError,
 )
-from . import coding, deploy, quantize
+from . import coding, deploy, hf, quantize
 from .export import export_bundle, export_onnx
 from .fold import fold_batchnorm
 from .capture import trace
@@ -51,6 +51,7 @@ __all__ = [
     "export_bundle",
     "export_onnx",
     "fold_batchnorm",
+    "hf",
     "list_criteria",
     "load_masks",
     "make_plan",

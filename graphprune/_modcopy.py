@@ -8,9 +8,10 @@ tensors (shape-only runs that cost no compute).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -80,3 +81,25 @@ def meta_args(v: Any) -> Any:
     if isinstance(v, dict):
         return {k: meta_args(x) for k, x in v.items()}
     return v
+
+
+@contextlib.contextmanager
+def fake_run(args: Any, kwargs: Any) -> Iterator[tuple[Any, Any]]:
+    """Run a model that lives on the meta device as fake tensors: shapes propagate and code that
+    inspects values (a mask check in a Hugging Face model) sees a trace instead of failing.
+    Yields the example inputs converted to fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return mode.from_tensor(torch.empty_like(v, device="meta"))
+        if isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
+            return type(v)(fake(x) for x in v)
+        if isinstance(v, dict):
+            return {k: fake(x) for k, x in v.items()}
+        return v
+
+    with mode:
+        yield fake(args), fake(kwargs)

@@ -488,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--out", default="weights.safetensors")
     _output_flags(pd)
     pd.set_defaults(fn=cmd_decode)
+    from .finetune_cmd import add_finetune_parser
+
+    add_finetune_parser(sub)
     return p
 
 

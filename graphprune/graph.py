@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .trace import Traced
+from ._np import unique
 
 
 @dataclass
@@ -42,7 +43,7 @@ class GroupMember:
     def n_index(self) -> int:
         """Distinct parameter indices (== len(index) when there is one index per entry)."""
         if self._n_index < 0:
-            self._n_index = int(np.unique(self.index).size)
+            self._n_index = int(unique(self.index).size)
         return self._n_index
 
     def distinct_kept(self, kept_units: np.ndarray) -> int:
@@ -50,7 +51,7 @@ class GroupMember:
         k = kept_units[self.unit]
         if self.n_index == self.index.size:
             return int(np.count_nonzero(k))
-        return int(np.unique(self.index[k]).size)
+        return int(unique(self.index[k]).size)
 
     def label(self) -> str:
         tag = {"out": "out", "in": "in"}.get(self.role)

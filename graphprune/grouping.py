@@ -28,10 +28,17 @@ from .rules.elements import Builder, TInfo
 from .rules.nn_modules import opaque
 from .rules.registry import describe_target, module_rule_for, rule_for
 from .trace import TensorSpec, Traced
+from ._np import unique
 
 # ops whose size arguments the movement rules check themselves
 SIZE_AWARE = {"view", "reshape", "expand", "unflatten", "repeat", "chunk", "split"}
 SIZE_AWARE_FNS = {torch.reshape, torch.unflatten, torch.chunk, torch.split}
+
+# node.meta keys set by graphprune.regions on the traces of a model captured in regions: a
+# placeholder whose value is a node of an earlier trace (its channels continue across the
+# boundary), and why an output value is frozen (None: it feeds another region, not frozen)
+CHANNELS_FROM = "graphprune_channels_from"
+OUTPUT_REASON = "graphprune_output_reason"
 
 
 def _tie_members(b: Builder) -> None:
@@ -70,7 +77,7 @@ def _group(b: Builder) -> tuple[list[Group], ElementIndex]:
     bases = np.array([a.base for a in b.axes], dtype=np.int64)
     elem_axis = np.searchsorted(bases, np.arange(n), side="right") - 1
     keep = is_src[comp]
-    pairs = np.unique(comp[keep].astype(np.int64) * len(b.axes) + elem_axis[keep])
+    pairs = unique(comp[keep].astype(np.int64) * len(b.axes) + elem_axis[keep])
     pc, pa = pairs // len(b.axes), pairs % len(b.axes)
     rnd = np.random.default_rng(0).integers(1, 2**63 - 1, size=len(b.axes), dtype=np.int64)
     h = np.zeros(ncomp, dtype=np.int64)
@@ -102,7 +109,7 @@ def _group(b: Builder) -> tuple[list[Group], ElementIndex]:
             per_group[g[0]].append(GroupMember(m.param, m.dim, m.role, m.module,
                                                comp_unit[c], m.index, m.pos))
             continue
-        for gg in np.unique(g[g >= 0]):
+        for gg in unique(g[g >= 0]):
             s = g == gg
             per_group[gg].append(GroupMember(m.param, m.dim, m.role, m.module,
                                              comp_unit[c[s]], m.index[s], m.pos[s]))
@@ -176,6 +183,10 @@ def _check(info: Any, spec: Any) -> bool:
 def _run_node(b: Builder, node: fx.Node, t: Traced, strict: bool) -> None:
     spec = b.values.get(node)
     if node.op == "placeholder":
+        src = node.meta.get(CHANNELS_FROM)
+        if src is not None:  # a region's input is a value of an earlier trace: same channels
+            b.infos[node] = b.infos.get(src)
+            return
         fqn = t.params.get(node.name)
         b.infos[node] = _get_attr(b, node, fqn) if fqn else empty_like_spec(spec)
         return
@@ -183,10 +194,10 @@ def _run_node(b: Builder, node: fx.Node, t: Traced, strict: bool) -> None:
         b.infos[node] = _get_attr(b, node)
         return
     if node.op == "output":
-        b.freeze_info(b.infos.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None,
-                      "model output")
         for n in _nodes_in(node.args[0]):
-            b.freeze_info(b.infos.get(n), "model output")
+            why = n.meta.get(OUTPUT_REASON, "model output")
+            if why:  # None: a region output whose channels continue in another region
+                b.freeze_info(b.infos.get(n), why)
         return
     if node.op == "call_function" and isinstance(node.target, type) and issubclass(
             node.target, tuple):  # a namedtuple of outputs: channels pass through unchanged

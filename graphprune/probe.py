@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._modcopy import meta_args
+from ._modcopy import fake_run
 from .trace import on_meta, preserved_state
 
 if TYPE_CHECKING:
@@ -39,9 +39,10 @@ def _outputs(y: Any) -> list[torch.Tensor]:
 
 def _run(model: torch.nn.Module, inputs: tuple, mode: str) -> list[torch.Tensor]:
     args, kwargs = inputs
-    if on_meta(model):
-        args, kwargs = meta_args(args), meta_args(kwargs)
     with preserved_state(model, mode):
+        if on_meta(model):
+            with fake_run(args, kwargs) as (fa, fk):
+                return _outputs(model(*fa, **fk))
         return _outputs(model(*args, **kwargs))
 
 

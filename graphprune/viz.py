@@ -7,14 +7,14 @@ import hashlib
 from typing import Any
 
 import networkx as nx
-import numpy as np
 
 from .rules.elements import TInfo
+from ._np import unique
 
 
 def _axis_groups(graph: Any, axis: Any) -> list[str]:
     g = graph.comp_group[graph.comp[axis.elems()]]
-    return [graph.groups[i].name for i in np.unique(g[g >= 0])]
+    return [graph.groups[i].name for i in unique(g[g >= 0])]
 
 
 def _infos(info: Any) -> list[TInfo]:

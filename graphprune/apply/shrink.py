@@ -18,7 +18,8 @@ from ..graph import ChannelGraph
 from ..plan import Plan, comp_keep_for
 from ..rules.elements import TInfo
 from ..rules.registry import resizer_for
-from .._modcopy import copy_tree, meta_args, share, to_meta
+from .._modcopy import copy_tree, fake_run, share, to_meta
+from .._np import unique
 from ..trace import (
     TensorSpec,
     export_trace,
@@ -66,7 +67,7 @@ def kept_indices(graph: ChannelGraph, comp_keep: np.ndarray) -> dict[str, dict[i
     gone[flat[~k]] = True
     if gone[flat[k]].any():  # the tie coupling makes this impossible; guard against rule bugs
         raise PlanError("internal: a parameter index is both kept and removed")
-    for key in np.unique(graph.m_key[~k]):
+    for key in unique(graph.m_key[~k]):
         p, d = graph.member_keys[key]
         out[p][d] = np.flatnonzero(~gone[offset[key]:offset[key + 1]])
     return dict(out)
@@ -296,8 +297,8 @@ def verify_layers(graph: ChannelGraph, new: nn.Module, shapes: dict) -> None:
         meta = on_meta(new)
         try:
             if meta:
-                got, y = _run_hooked(copy_tree(new, to_meta), want, meta_args(args),
-                                     meta_args(kwargs), t.mode)
+                with fake_run(args, kwargs) as (fa, fk):
+                    got, y = _run_hooked(copy_tree(new, to_meta), want, fa, fk, t.mode)
             else:
                 got, y = _run_hooked(new, want, args, kwargs, t.mode)
         except Exception as e:

@@ -9,5 +9,7 @@ without pickle (``save_pruned`` / ``load_pruned``). ``transformers`` is the opti
 """
 
 from .loading import capture_kwargs, example_inputs, is_hf_model, load
+from .pruned import load_pruned, save_pruned, update_config
 
-__all__ = ["capture_kwargs", "example_inputs", "is_hf_model", "load"]
+__all__ = ["capture_kwargs", "example_inputs", "is_hf_model", "load", "load_pruned",
+           "save_pruned", "update_config"]

@@ -113,6 +113,9 @@ def example_inputs(model: nn.Module, *, batch: int = 1, seq_len: int = 16,
                          "yourself (a dict of keyword tensors).")
     vocab = int(getattr(cfg, "vocab_size", 2))
     ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    if any(p.device.type == "meta" for p in model.parameters()):
+        # a model on the meta device (shapes only): the mask would be read for its values
+        return {"input_ids": ids.to("meta")}
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(cfg, "is_encoder_decoder", False):
         start = getattr(cfg, "decoder_start_token_id", None)
