@@ -36,7 +36,11 @@ _OVERRIDE: contextvars.ContextVar[Checks | None] = contextvars.ContextVar("graph
 
 
 def checks() -> Checks:
-    """The defaults in force (``Checks(strict, verify)``)."""
+    """The defaults in force (``Checks(strict, verify)``).
+
+    Example:
+        >>> graphprune.checks().verify   # True
+    """
     return _OVERRIDE.get() or _GLOBAL
 
 
@@ -46,7 +50,11 @@ def _with(strict: bool | None, verify: bool | str | None) -> Checks:
 
 
 def set_checks(*, strict: bool | None = None, verify: bool | str | None = None) -> Checks:
-    """Change the defaults for the whole process; returns the new ones."""
+    """Change the defaults for the whole process; returns the new ones.
+
+    Example:
+        >>> graphprune.set_checks(strict=True, verify="full")   # in a test suite's conftest
+    """
     global _GLOBAL
     _GLOBAL = _with(strict, verify)
     return _GLOBAL
@@ -54,7 +62,12 @@ def set_checks(*, strict: bool | None = None, verify: bool | str | None = None) 
 
 @contextlib.contextmanager
 def checking(*, strict: bool | None = None, verify: bool | str | None = None) -> Iterator[Checks]:
-    """Use these defaults inside the ``with`` block only (this thread / task)."""
+    """Use these defaults inside the ``with`` block only (this thread / task).
+
+    Example:
+        >>> with graphprune.checking(strict=True):
+        ...     graphprune.trace(model, x)   # a crashing rule raises instead of freezing
+    """
     token = _OVERRIDE.set(_with(strict, verify))
     try:
         yield checks()

@@ -43,6 +43,10 @@ class PruneConfig:
     Give ``sparsity`` *or* one target (``target_macs``, ``target_params``); with neither, 50% of
     every prunable group's channels go.
 
+    Raises:
+        ConfigError: a bad value, with the parameter named and the accepted values.
+        RegistryError: an unknown method (the closest registered name is suggested).
+
     Example:
         >>> cfg = PruneConfig(method="lasso", reconstruct=True, target_macs=0.5)
         >>> graphprune.prune(model, x, cfg, calibration=images)

@@ -18,7 +18,11 @@ _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 def fold_batchnorm(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> nn.Module:
     """A copy of ``model`` (eval semantics) with every BatchNorm that alone reads a conv/Linear
-    output folded into it. Returns the folded model; the original is untouched."""
+    output folded into it. Returns the folded model; the original is untouched.
+
+    Example:
+        >>> folded = graphprune.fold_batchnorm(r.model, x)   # before quantizing or coding
+    """
     g = trace(model, example_inputs)
     t = g.traced[0]
     target = model if inplace else copy.deepcopy(model)

@@ -60,7 +60,13 @@ class GroupMember:
 
 @dataclass(frozen=True)
 class Group:
-    """Channels that are removed together. ``size`` is the number of removable units."""
+    """Channels that are removed together. ``size`` is the number of removable units.
+
+    Example:
+        >>> g = graphprune.trace(model, x)
+        >>> print(g.group("layer1.0.conv1"))   # Group 'layer1.0.conv1' (64 channels, prunable): ...
+        >>> [m.label() for m in g.group("layer1.0.conv1").members]
+    """
 
     id: int
     name: str

@@ -27,7 +27,11 @@ PLAN_VERSION = 1
 
 @dataclass(frozen=True)
 class GroupPlan:
-    """Of ``size`` channels, keep the (sorted) indices ``keep``."""
+    """Of ``size`` channels, keep the (sorted) indices ``keep``.
+
+    Example:
+        >>> graphprune.GroupPlan(size=8, keep=(0, 2, 5)).removed   # (1, 3, 4, 6, 7)
+    """
 
     size: int
     keep: tuple[int, ...]
@@ -40,7 +44,12 @@ class GroupPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """Channels to keep per group, plus free-form ``meta`` (method, sparsity, model...)."""
+    """Channels to keep per group, plus free-form ``meta`` (method, sparsity, model...).
+
+    Example:
+        >>> r.plan.save("plan.json")                 # edit a count, delete a group to pin it
+        >>> graphprune.prune(fresh, x, plan=graphprune.Plan.load("plan.json"))
+    """
 
     groups: Mapping[str, GroupPlan]
     meta: Mapping[str, Any] = field(default_factory=dict)
@@ -164,6 +173,12 @@ class LayerConfig:
     ``op_types`` are module class names (``"Conv2d"``; ``"default"`` = Conv and Linear),
     ``op_names`` module paths (shell globs allowed); a group matches if one of its producer modules
     matches. ``exclude=True`` leaves matching groups alone.
+
+    Raises:
+        ConfigError: an entry names neither op_types nor op_names, or has a bad sparsity.
+
+    Example:
+        >>> graphprune.LayerConfig.from_any({"op_names": ["layer4.*"], "sparsity": 0.3})
     """
 
     sparsity: float | None = None

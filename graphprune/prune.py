@@ -33,6 +33,10 @@ class PruneResult:
     - ``report``: channels per group, params/MACs/bytes before and after, timings, and (with
       calibration data) the output fidelity;
     - ``graph``: the channel graph of the original model.
+
+    Example:
+        >>> r = graphprune.prune(model, x, sparsity=0.5)
+        >>> print(r.report); r.plan.save("plan.json"); r.model(x)
     """
 
     def __init__(self, model: nn.Module, applied: Any, plan: Plan, graph: ChannelGraph,
@@ -89,6 +93,20 @@ def compute_amounts(graph: ChannelGraph, crit: Criterion, ctx: ScoreContext,
     if cfg.target is not None:
         return amounts_for_target(graph, make, *cfg.target)
     return make(sparsity)
+
+
+def _data_runner(model: nn.Module) -> tuple[Any, bool]:
+    """The data-driven runner and whether it also serves score criteria that read data:
+    Hugging Face decoders block by block (``lm.blockwise``), other models group by group."""
+    from .lm.decoder import supports
+
+    if supports(model):
+        from .lm import blockwise
+
+        return blockwise, True
+    from .datadriven import sequential
+
+    return sequential, False
 
 
 def _needs_data_error(cfg: PruneConfig, crit: Criterion, plan: Any) -> None:
@@ -157,23 +175,20 @@ def prune(model: nn.Module, example_inputs: Any, settings: PruneConfig | None = 
     ctx = ScoreContext(params=graph.params, rng=np.random.default_rng(cfg.seed), calibration=calib,
                        graph=graph)
     meta = _meta(cfg, model)
-    weights, fidelity, extra_t = None, {}, {}
+    weights, fidelity, extra_t, dd = None, {}, {}, None
+    seq, blockwise = _data_runner(model)
     if isinstance(plan, str):
         plan = Plan.load(plan)
     if plan is not None:
         plan.validate(graph)
         if cfg.reconstruct:
-            from .datadriven import sequential as seq
-
             fixed = {n: len(gp.keep) for n, gp in plan.groups.items()}
             dd = seq.run(graph, calib, crit, fixed, reconstruct=True, sequential=cfg.sequential,
                          seed=cfg.seed, meta=dict(plan.meta), progress=progress, fixed=plan)
             weights, fidelity["groups"], extra_t = dd.weights, dd.groups, dd.timings
     else:
         amounts = compute_amounts(graph, crit, ctx, cfg)
-        if crit.kind == "select" or cfg.reconstruct:
-            from .datadriven import sequential as seq
-
+        if crit.kind == "select" or cfg.reconstruct or (blockwise and crit.needs_data):
             dd = seq.run(graph, calib, crit, amounts, reconstruct=cfg.reconstruct,
                          sequential=cfg.sequential, seed=cfg.seed, meta=meta, progress=progress)
             plan, weights, fidelity["groups"], extra_t = dd.plan, dd.weights, dd.groups, dd.timings
@@ -183,12 +198,12 @@ def prune(model: nn.Module, example_inputs: Any, settings: PruneConfig | None = 
             plan = plan_from_scores(graph, scores, amounts, meta)
     t2 = time.perf_counter()
     applied = apply_plan(graph, plan, inplace=inplace, verify=cfg.verify, weights=weights)
+    if hasattr(dd, "finish"):  # biases a layer did not have (FLAP's compensation)
+        dd.finish(applied.model)
     t3 = time.perf_counter()
     timings = {"trace": t1 - t0, "plan": t2 - t1, "apply": t3 - t2, **extra_t}
     if calib is not None:
-        from .datadriven.sequential import output_fidelity
-
-        fidelity["total"] = output_fidelity(graph.model, applied.model, calib)
+        fidelity["total"] = seq.output_fidelity(graph.model, applied.model, calib)
     return PruneResult(applied.model, applied, plan, graph, timings, fidelity)
 
 

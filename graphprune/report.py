@@ -39,7 +39,12 @@ class LayerReport:
 
 @dataclass
 class Report:
-    """Before/after figures of a pruning run (``str(report)`` prints the table)."""
+    """Before/after figures of a pruning run (``str(report)`` prints the table).
+
+    Example:
+        >>> r.report.params, r.report.macs      # (before, after)
+        >>> print(r.report)                       # groups, layers, fidelity, frozen ops
+    """
 
     params: tuple[int, int]
     macs: tuple[int, int]

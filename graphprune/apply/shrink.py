@@ -129,6 +129,14 @@ def apply_plan(graph: ChannelGraph, plan: Plan, *, inplace: bool = False,
     (default: ``graphprune.checks().verify``).
     ``weights`` replaces tensors (canonical name -> full-size tensor, e.g. refitted consumers)
     before they are sliced.
+
+    Raises:
+        PlanError: the plan does not fit the graph.
+        ParityError: the rewritten model does not have the shapes the plan implies (a bug).
+
+    Example:
+        >>> g = graphprune.trace(model, x)
+        >>> small = graphprune.apply_plan(g, graphprune.make_plan(g, sparsity=0.5)).model
     """
     comp_keep = comp_keep_from_plan(graph, plan)
     kept = kept_indices(graph, comp_keep)

@@ -50,7 +50,17 @@ _CRITERIA: dict[str, Criterion] = {}
 
 
 def criterion(name: str, *, needs_data: bool = False) -> Callable[[ScoreFn], ScoreFn]:
-    """Register a scoring function under ``name``."""
+    """Register a scoring function under ``name``: ``fn(group, ctx) -> scores`` with one
+    finite score per unit of the group (higher = keep).
+
+    Example:
+        >>> @graphprune.criterion("abs_bias")
+        ... def abs_bias(group, ctx):
+        ...     return sum(np.bincount(m.unit, ctx.params[m.param].abs().numpy()[m.index],
+        ...                            minlength=group.size)
+        ...                for m in group.members if m.param.endswith(".bias"))
+        >>> graphprune.prune(model, x, method="abs_bias")
+    """
 
     def deco(fn: ScoreFn) -> ScoreFn:
         _CRITERIA[name] = Criterion(name, fn, needs_data, (fn.__doc__ or "").strip())
@@ -79,7 +89,11 @@ def get_criterion(name: str) -> Criterion:
 
 
 def list_criteria() -> dict[str, str]:
-    """Registered criterion names -> first line of their docstring."""
+    """Registered criterion names -> first line of their docstring.
+
+    Example:
+        >>> sorted(graphprune.list_criteria())   # ['bn_scale', 'fpgm', 'greedy', 'l1', ...]
+    """
     return {k: " ".join(v.doc.split("\n\n")[0].split()) for k, v in sorted(_CRITERIA.items())}
 
 

@@ -31,7 +31,15 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
                plan: Plan | None = None) -> None:
     """Write ``masks`` (name -> bool tensor) to a safetensors file, atomically.
 
-    The bytes are deterministic: the same masks and plan always give the same file."""
+    The bytes are deterministic: the same masks and plan always give the same file.
+
+    Raises:
+        OutputError: the file cannot be written (nothing is left behind).
+
+    Example:
+        >>> r = graphprune.prune(model, x, sparsity=0.5)
+        >>> graphprune.save_masks(r.masks, "masks.safetensors", plan=r.plan)
+    """
     tensors = {}
     for k, v in masks.items():
         if not isinstance(v, torch.Tensor):
@@ -72,7 +80,15 @@ def read_safetensors(path: str | os.PathLike, what: str = "mask file"
 
 
 def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read masks written by ``save_masks`` (any safetensors file of 0/1 tensors is accepted)."""
+    """Read masks written by ``save_masks`` (any safetensors file of 0/1 tensors is accepted).
+
+    Raises:
+        MaskFileError: the file is missing, a pickle, truncated, or holds non-0/1 values.
+
+    Example:
+        >>> masks = graphprune.load_masks("masks.safetensors")
+        >>> small = graphprune.apply_masks(fresh_model, masks, x)
+    """
     tensors, meta = read_safetensors(path)
     if meta.get("format") not in (None, MASK_FORMAT):
         raise MaskFileError(f"'{path}' is a {meta.get('format')} file, not a graphprune mask file.")
@@ -90,7 +106,15 @@ def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def plan_from_masks(graph: ChannelGraph, masks: Mapping[str, torch.Tensor]) -> Plan:
-    """The plan that produces ``masks`` on ``graph``'s model; raises if the masks do not fit."""
+    """The plan that produces ``masks`` on ``graph``'s model.
+
+    Raises:
+        PlanError: a mask names a parameter the model lacks, has another shape, removes part of
+            a unit, or removes channels of a frozen group.
+
+    Example:
+        >>> plan = graphprune.plan_from_masks(graphprune.trace(model, x), masks)
+    """
     unknown = [k for k in masks if k not in graph.aliases]
     if unknown:
         raise PlanError(
@@ -135,6 +159,10 @@ def plan_from_masks(graph: ChannelGraph, masks: Mapping[str, torch.Tensor]) -> P
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | str | os.PathLike,
                 example_inputs: Any, *, inplace: bool = False, verify: bool = True) -> nn.Module:
     """Rebuild the pruned model from a fresh ``model`` and masks (a dict or a mask file path).
+
+    Raises:
+        MaskFileError: the mask file is unreadable or not safetensors.
+        PlanError: the masks do not fit the model (another architecture or width).
 
     Example:
         >>> graphprune.save_masks(result.masks, "masks.safetensors")

@@ -121,6 +121,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
 
     Example:
         >>> graphprune.export_onnx(result.model, torch.randn(1, 3, 224, 224), "model.onnx")
+
+    Raises:
+        ExportError: the exporters failed (nothing is written).
+        ParityError: onnxruntime does not compute what PyTorch computes (nothing is written).
+        ConfigError: a bad setting, or int8 without calibration data.
     """
     import onnx
 
