@@ -34,7 +34,6 @@ from graphprune.training import (  # noqa: E402
 from graphprune.models import digits_net  # noqa: E402
 
 XTR, YTR, XTE, YTE = digits()
-LAYERS = ("conv1", "conv2", "conv3", "fc")
 
 
 def coded(model, qmodel=None) -> tuple[int, float]:
@@ -68,14 +67,13 @@ def admm_train(model, admm, epochs=20, lr=0.005):
 
 
 def admm_finish(model, admm):
-    """Project for good; then try masked fine-tuning followed by projecting again (fine-tuning
-    moves weights off the quantization levels) and keep whichever does better on the TRAINING
-    split (the test split only scores the result)."""
+    """Project for good; then try masked fine-tuning (the same loop: admm.step() keeps the zeros)
+    followed by projecting again (fine-tuning moves weights off the quantization levels) and keep
+    whichever does better on the TRAINING split (the test split only scores the result)."""
     admm.finalize()
     direct = copy.deepcopy(model.state_dict())
     acc_direct = evaluate(model, XTR, YTR)
-    admm.grad_mask(admm.final_masks)
-    train(model, XTR, YTR, epochs=4, lr=5e-4, after_step=admm.step_masked)
+    train(model, XTR, YTR, epochs=4, lr=5e-4, after_step=admm.step)
     admm.finalize()
     if evaluate(model, XTR, YTR) < acc_direct:
         model.load_state_dict(direct)
@@ -84,7 +82,7 @@ def admm_finish(model, admm):
 def admm_levels(base, sparsity):
     """A copy of ``base`` trained by ADMM onto ``sparsity`` zeros and 4-bit levels at once."""
     m = copy.deepcopy(base)
-    admm = ADMM(m, Intersection(Sparsity(sparsity), Levels(bits=4)), rho=0.2, rho_growth=1.05,
+    admm = ADMM(m, Intersection(Sparsity(sparsity), Levels(bits=4)), rho_growth=1.05,
                 update_interval=22)
     admm_train(m, admm)
     admm_finish(m, admm)
@@ -119,8 +117,7 @@ def rows(dense):
     yield "channels 50% + ADMM 80% + 4-bit levels", admm_levels(s, 0.8), None
     m = copy.deepcopy(s)
     jb = JointBudget(nnz_budget=0.2, bit_budget=4, min_bits=2, bits_until=20)
-    admm = ADMM(m, {n: Sparsity(0.0) for n in LAYERS}, rho=0.2, rho_growth=1.05,
-                update_interval=22, global_projection=jb)
+    admm = ADMM(m, jb, rho_growth=1.05, update_interval=22)
     admm_train(m, admm)
     admm_finish(m, admm)
     yield f"channels 50% + joint budget (20% non-zero, 4 bits avg: {jb.bits})", m, None

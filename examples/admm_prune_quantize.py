@@ -17,14 +17,13 @@ from graphprune.training import ADMM, Intersection, Levels, Sparsity
 
 model, xtr, ytr, xte, yte = trained_digits()
 m = gp.fold_batchnorm(model, xtr[:1])  # quantize what will be deployed: BN folded in
-admm = ADMM(m, Intersection(Sparsity(0.9), Levels(bits=3)), rho=0.2, rho_growth=1.05,
-            update_interval=22)
+admm = ADMM(m, Intersection(Sparsity(0.9), Levels(bits=3)), rho_growth=1.05,
+            update_interval=(xtr.shape[0] + 63) // 64)
 train(m, xtr, ytr, epochs=12, lr=0.01, optimizer="sgd", schedule="constant",
       loss_fn=lambda out, y: admm.loss(F.cross_entropy(out, y)), after_step=admm.step)
-admm.finalize()
-admm.grad_mask(admm.final_masks)
-train(m, xtr, ytr, epochs=4, lr=5e-4, after_step=admm.step_masked)
-admm.finalize()  # back onto the levels after fine-tuning
+admm.finalize()                                               # project, keep the zeros
+train(m, xtr, ytr, epochs=4, lr=5e-4, after_step=admm.step)   # masked fine-tuning
+admm.finalize()                                               # back onto the levels
 with tempfile.TemporaryDirectory() as d:
     rep = encode(m, os.path.join(d, "m.gpc"))
     m2 = gp.fold_batchnorm(model, xtr[:1])

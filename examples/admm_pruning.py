@@ -12,26 +12,26 @@ from _common import evaluate, train, trained_digits
 from graphprune.training import ADMM, ChannelSparsity, Sparsity
 
 model, xtr, ytr, xte, yte = trained_digits()
+steps_per_epoch = (xtr.shape[0] + 63) // 64
 
 # --- unstructured: the augmented-Lagrangian term goes into the loss, admm.step() after each step
 m = copy.deepcopy(model)
-admm = ADMM(m, Sparsity(0.9), rho=0.2, rho_growth=1.05, update_interval=22)
+admm = ADMM(m, [{"op_types": ["default"], "projection": Sparsity(0.9)}], rho_growth=1.05,
+            update_interval=steps_per_epoch)
 train(m, xtr, ytr, epochs=12, lr=0.01, optimizer="sgd", schedule="constant",
       loss_fn=lambda out, y: admm.loss(F.cross_entropy(out, y)), after_step=admm.step)
-admm.apply_projection()               # evaluate the projected model ...
-print(f"projected after ADMM: {evaluate(m, xte, yte):.4f}")
-admm.restore()                        # ... and go back to the trained weights
-admm.finalize()                       # project for good
-admm.grad_mask(admm.final_masks)      # pruned weights stay exactly zero while fine-tuning
-train(m, xtr, ytr, epochs=5, lr=5e-4, after_step=admm.step_masked)
+with admm.projected():                # evaluate the projected model, then back to the trained one
+    print(f"projected after ADMM: {evaluate(m, xte, yte):.4f}")
+admm.finalize()                       # project for good; pruned weights now stay exactly zero
+train(m, xtr, ytr, epochs=5, lr=5e-4, after_step=admm.step)   # masked fine-tuning: same loop
 zeros = {n: f"{float((w == 0).float().mean()):.3f}" for n, w in m.named_parameters()
          if n.endswith("weight") and w.ndim > 1}
 print(f"90% sparse, fine-tuned: {evaluate(m, xte, yte):.4f}; zero fraction {zeros}")
 
 # --- structured: channel sparsity through the dependency graph, then a physical shrink
 m = copy.deepcopy(model)
-admm = ADMM(m, ChannelSparsity(0.5, criterion="l1"), rho=0.2, rho_growth=1.05,
-            update_interval=22, example_inputs=xtr[:1])
+admm = ADMM(m, ChannelSparsity(0.5, criterion="l1"), rho_growth=1.05,
+            update_interval=steps_per_epoch, example_inputs=xtr[:1])
 train(m, xtr, ytr, epochs=12, lr=0.01, optimizer="sgd", schedule="constant",
       loss_fn=lambda out, y: admm.loss(F.cross_entropy(out, y)), after_step=admm.step)
 small = admm.finalize()

@@ -19,7 +19,8 @@ train(model, xtr, ytr, epochs=10, lr=1e-3, after_step=pruner.step)  # pruner.ste
 print(f"AGP 90%: accuracy {evaluate(model, xte, yte):.4f}, sparsity "
       f"{ {k: round(v, 3) for k, v in pruner.sparsity().items()} }, "
       f"masked weights exactly zero: {masked_weights_are_zero(pruner)}")
-os.makedirs("out", exist_ok=True)
-pruner.export_masks("out/agp-masks.safetensors")
+out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "out")
+os.makedirs(out, exist_ok=True)  # out/ of the repository, wherever the script is run from
+pruner.export_masks(os.path.join(out, "agp-masks.safetensors"))
 pruner.finalize()
-print("wrote out/agp-masks.safetensors")
+print(f"wrote {os.path.join(out, 'agp-masks.safetensors')}")

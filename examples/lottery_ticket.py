@@ -5,17 +5,12 @@ from its original initialisation.
     python examples/lottery_ticket.py
 """
 
-import os
-import sys
-
 import torch
+from _common import evaluate, train
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from graphprune.datasets import digits  # noqa: E402
-from graphprune.finetune import evaluate, train  # noqa: E402
-from graphprune.training import LotteryTicketPruner  # noqa: E402
-from graphprune.models import digits_net  # noqa: E402
+from graphprune.datasets import digits
+from graphprune.models import digits_net
+from graphprune.training import LotteryTicketPruner
 
 torch.manual_seed(0)
 xtr, ytr, xte, yte = digits()

@@ -21,6 +21,7 @@ from .cost import node_macs
 from .errors import ConfigError
 from .graph import ChannelGraph
 from .plan import GroupPlan, Plan, comp_keep_for, group_sparsities, keep_count
+from .sparsity import n_kept, n_pruned
 
 
 def uniform_amounts(graph: ChannelGraph, sparsity: float, config: Sequence[Any] | None,
@@ -47,8 +48,8 @@ def global_amounts(graph: ChannelGraph, scores: Mapping[str, np.ndarray], sparsi
         return {}
     v, o = np.concatenate(vals), np.concatenate(owner)
     sizes = np.array([graph.group(n).size for n in names])
-    floor = np.maximum(1, np.ceil(sizes * (1 - max_group_sparsity)).astype(int))
-    budget = int(math.floor(sparsity * v.size + 1e-9))
+    floor = np.array([n_kept(int(s), max_group_sparsity) for s in sizes])
+    budget = n_pruned(int(v.size), sparsity)
     keep = sizes.copy()
     for i in np.argsort(v, kind="stable"):
         if budget <= 0:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -23,8 +23,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
-from ..opmatch import op_matches
-from .configs import QuantConfig, config_from
+from ..opmatch import resolve_config
+from .configs import CONFIGS, QuantConfig, config_from
 from .schemes import quantize_tensor
 from .tensor import QuantizedTensor
 
@@ -136,27 +136,40 @@ def _resolve(model: nn.Module, config: Any) -> dict[str, QuantConfig]:
                                   f"{did_you_mean(path, mods)}")
             out[path] = config_from(c)
         return out
-    if isinstance(config, Sequence):
-        matched = False
-        for i, e in enumerate(config):
-            if not isinstance(e, Mapping):
-                raise ConfigError(f"quantize: config list entry {i} must be a dict. Got {e!r}.")
-            types = e.get("op_types", ["default"])
-            names = e.get("op_names", [])
-            cfg = None if e.get("exclude") else config_from(e.get("quant", e.get("quant_type")))
-            for n, m in mods.items():
-                if not op_matches(n, type(m).__name__, types, names, DEFAULT_TYPES):
-                    continue
-                matched = True
-                if cfg is None:
-                    out.pop(n, None)
-                else:
-                    out[n] = cfg
-        if config and not matched:
-            raise ConfigError("quantize: no module matches the config list (op_types are class "
-                              "names such as Conv2d, op_names module paths).")
-        return out
+    if isinstance(config, Sequence) and not isinstance(config, str):
+        return resolve_config(model, config, _entry_config, keys=_ENTRY_KEYS, owner="quantize",
+                              example="[{'quant': 'kmeans', 'bits': 4, 'op_types': ['Conv2d']}]",
+                              eligible=_has_weight)
     raise ConfigError(f"quantize: config must be a QuantConfig, a dict or a list. Got {config!r}.")
+
+
+# what a config-list entry may say besides the selection: the scheme and its settings
+_ENTRY_KEYS = ("quant", "quant_type", "scheme", *sorted({f.name for c in CONFIGS.values()
+                                                          for f in fields(c)}))
+
+
+def _entry_config(e: Mapping[str, Any], where: str) -> QuantConfig:
+    """The quantizer of one config-list entry: ``quant`` (a name or a QuantConfig) plus the
+    scheme's settings written beside it (``{'quant': 'kmeans', 'bits': 4}``)."""
+    q = e.get("quant", e.get("quant_type", e.get("scheme")))
+    extra = {k: v for k, v in e.items() if k not in ("quant", "quant_type", "scheme", "op_types",
+                                                      "op_names", "exclude")}
+    if isinstance(q, QuantConfig):
+        if extra:
+            raise ConfigError(f"{where[0].upper()}{where[1:]} gives a QuantConfig and settings "
+                              f"{sorted(extra)} beside it: put them in the QuantConfig.")
+        return q
+    if q is None:
+        raise ConfigError(f"{where[0].upper()}{where[1:]} must name its quantizer: add 'quant': "
+                          f"one of {', '.join(sorted(CONFIGS))}.")
+    if isinstance(q, Mapping):  # {'quant': {'scheme': 'kmeans', 'bits': 2}}
+        return config_from({**dict(q), **extra})
+    return config_from({"scheme": q, **extra})
+
+
+def _has_weight(path: str, m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return isinstance(w, torch.Tensor) and w.ndim >= 1
 
 
 def quantize(model: nn.Module, config: Any = "linear", *, inplace: bool = False) -> QuantizedModel:

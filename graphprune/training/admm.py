@@ -1,201 +1,136 @@
 """ADMM compression (Zhang et al., ECCV 2018; Leng et al., AAAI 2018; Ren et al., ASPLOS 2019).
 
 Training minimises loss(W) + rho/2 * sum ||W - Z + U||^2 while every ``update_interval`` steps
-Z = Proj(W + U) (the nearest point of the constraint set) and U = U + W - Z. A constraint is a
-``Projection``: unstructured sparsity, channel sparsity through the dependency graph, k-level
-quantization, their intersection, or your own (implement ``project``)::
+Z = Proj(W + U) (the nearest point of the constraint set) and U = U + W - Z. Constraints are a
+config list like the mask pruners' (or one ``Projection`` for every conv and linear layer), the
+projections are in ``projections.py`` (``JointBudget`` in ``joint.py``)::
 
-    admm = ADMM(model, {"conv*": Sparsity(0.9), "fc": Intersection(Sparsity(0.8), Levels(bits=3))},
-                rho=1e-3, update_interval=50)
-    for x, y in loader:
-        loss = admm.loss(criterion(model(x), y))   # adds the augmented-Lagrangian term
-        loss.backward(); opt.step(); admm.step()
-    admm.apply_projection(); evaluate(model); admm.restore()   # look at the projected model
-    masks = admm.finalize()     # project for good; then fine-tune with admm.grad_mask() active
+    admm = ADMM(model, [{"op_types": ["Conv2d"], "projection": Sparsity(0.9)},
+                        {"op_names": ["fc"], "projection": Intersection(Sparsity(0.8), Levels(3))}],
+                update_interval=50)
+    for x, y in loader:                              # 1. ADMM training
+        loss = admm.loss(criterion(model(x), y))     #    adds the augmented-Lagrangian term
+        loss.backward(); opt.step(); opt.zero_grad()
+        admm.step()                                  #    Z/U updates every update_interval steps
+    with admm.projected():                           # look at the projected model
+        evaluate(model)
+    model = admm.finalize()                          # 2. project for good, install the masks
+    for x, y in loader:                              # 3. masked retraining: the same loop; the
+        ...; admm.step()                             #    zeros of the projection stay exactly 0
+    admm.finalize()                                  # 4. (quantization) back onto the levels
 """
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..opmatch import op_matches
+from .projections import ChannelSparsity, Intersection, Levels, Projection, Sparsity
+from .targets import SELECTION_KEYS, resolve_config, weight_name
+
+DEFAULT_RHO = 0.2
+_EXAMPLE = "[{'op_types': ['Conv2d'], 'projection': Sparsity(0.8)}]"
 
 
-class Projection:
-    """A constraint set, given by its Euclidean projection. Subclass and implement ``project``
-    (and ``keeps_zeros`` if the projection produces a sparsity pattern to keep when fine-tuning)."""
+def resolve_constraints(model: nn.Module, constraints: Any) -> dict[str, Projection]:
+    """Weight name -> projection, from a config list (the selection keys and ``projection``) or
+    one ``Projection`` (shorthand for ``[{"op_types": ["default"], "projection": p}]``).
 
-    keeps_zeros = False
+    Example:
+        >>> resolve_constraints(net, Sparsity(0.5))
+        {'conv1.weight': Sparsity(sparsity=0.5), 'conv2.weight': Sparsity(sparsity=0.5), ...}
 
-    def project(self, w: torch.Tensor, name: str) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement project(w, name)")
-
-
-class Sparsity(Projection):
-    """At most (1 - sparsity) of the entries non-zero: keep the largest |w|."""
-
-    keeps_zeros = True
-
-    def __init__(self, sparsity: float):
-        from .._validate import check_fraction
-
-        self.sparsity = check_fraction(sparsity, "sparsity", "Sparsity")
-
-    def project(self, w: torch.Tensor, name: str) -> torch.Tensor:
-        k = int(self.sparsity * w.numel())
-        if k == 0:
-            return w.clone()
-        thr = w.abs().flatten().kthvalue(k).values
-        out = torch.where(w.abs() > thr, w, torch.zeros_like(w))
-        extra = int((out != 0).sum()) - (w.numel() - k)  # ties at the threshold
-        if extra > 0:
-            nz = (out != 0).flatten().nonzero().flatten()
-            order = torch.argsort(w.abs().flatten()[nz], stable=True)[:extra]
-            out.view(-1)[nz[order]] = 0
-        return out
-
-
-class Levels(Projection):
-    """Quantization to 2**(bits-1)-1 symmetric levels alpha*{-m..m} (Leng et al.): alpha and the
-    assignment are found by alternating minimisation; zeros stay zero."""
-
-    def __init__(self, bits: int = 3, iters: int = 20):
-        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-            raise ConfigError(f"The 'bits' parameter of Levels must be an int in [2, 8]. Got "
-                              f"{bits!r} instead.")
-        self.bits, self.iters = bits, iters
-
-    def project(self, w: torch.Tensor, name: str) -> torch.Tensor:
-        m = (1 << (self.bits - 1)) - 1
-        nz = w != 0
-        v = w[nz]
-        if v.numel() == 0:
-            return w.clone()
-        alpha = v.abs().max() / m
-        for _ in range(self.iters):
-            q = torch.clamp(torch.round(v / alpha), -m, m)
-            denom = (q * q).sum()
-            if denom == 0:
-                break
-            new = (v * q).sum() / denom
-            if torch.isclose(new, alpha):
-                break
-            alpha = new
-        out = torch.zeros_like(w)
-        out[nz] = torch.clamp(torch.round(v / alpha), -m, m) * alpha
-        return out
-
-
-class Intersection(Projection):
-    """Project onto each set in turn (e.g. prune, then quantize the survivors)."""
-
-    def __init__(self, *projections: Projection):
-        if not projections:
-            raise ConfigError("Intersection needs at least one projection.")
-        self.projections = projections
-        self.keeps_zeros = any(p.keeps_zeros for p in projections)
-
-    def project(self, w: torch.Tensor, name: str) -> torch.Tensor:
-        for p in self.projections:
-            w = p.project(w, name)
-        return w
-
-
-class ChannelSparsity(Projection):
-    """Remove ``sparsity`` of the channel units of every group the layer produces, units chosen
-    by ``criterion`` (l1, l2, fpgm, random) on W + U over all producers of the group; ends in a
-    physical shrink through the dependency graph (``ADMM.finalize``)."""
-
-    keeps_zeros = True
-
-    def __init__(self, sparsity: float, criterion: str = "l1"):
-        from .._validate import check_fraction
-        from ..criteria import get_criterion
-
-        self.sparsity = check_fraction(sparsity, "sparsity", "ChannelSparsity")
-        get_criterion(criterion)
-        self.criterion = criterion
-
-    def project(self, w: torch.Tensor, name: str) -> torch.Tensor:  # pragma: no cover
-        raise RuntimeError("ChannelSparsity is projected jointly by ADMM over its groups")
-
-
-def _resolve(model: nn.Module, constraints: Any) -> dict[str, Projection]:
-    """Weight name -> projection, from a Projection (all Conv/Linear weights), a dict of module
-    path globs -> Projection, or a list of {'projection', 'op_types', 'op_names', 'exclude'}."""
-    from .targets import DEFAULT_TYPES
-
-    mods = dict(model.named_modules())
-    out: dict[str, Projection] = {}
-
-    def add(name: str, p: Projection | None) -> None:
-        w = getattr(mods[name], "weight", None)
-        if isinstance(w, torch.Tensor):
-            key = f"{name}.weight" if name else "weight"
-            if p is None:
-                out.pop(key, None)
-            else:
-                out[key] = p
-
+    Raises:
+        ConfigError: see ``targets.resolve_config``; an entry without a Projection.
+    """
     if isinstance(constraints, Projection):
-        for n, m in mods.items():
-            if type(m).__name__ in DEFAULT_TYPES:
-                add(n, constraints)
+        constraints = [{"op_types": ["default"], "projection": constraints}]
     elif isinstance(constraints, Mapping):
-        for pat, p in constraints.items():
-            if not isinstance(p, Projection):
-                raise ConfigError(f"ADMM: constraint for '{pat}' must be a Projection. Got {p!r}.")
-            hit = [n for n in mods if n and fnmatch.fnmatchcase(n, pat)]
-            if not hit:
-                from ..errors import did_you_mean
-
-                raise ConfigError(f"ADMM: '{pat}' matches no module.{did_you_mean(pat, mods)}")
-            for n in hit:
-                add(n, p)
-    elif isinstance(constraints, Sequence):
+        if any(k in constraints for k in (*SELECTION_KEYS, "projection", "sparsity")):
+            raise ConfigError(f"The constraints of ADMM are a list of entries: wrap the dict in a "
+                              f"list, [{dict(constraints)!r}]. Got a dict instead.")
+        listed = [{"op_names": [str(k)], "projection": v} for k, v in constraints.items()]
+        warnings.warn("A dict of module globs -> Projection as ADMM constraints is deprecated; "
+                      f"write the config list {listed!r}.", FutureWarning, stacklevel=3)
+        constraints = listed
+    elif isinstance(constraints, Sequence) and not isinstance(constraints, (str, bytes)):
         for i, e in enumerate(constraints):
-            if not isinstance(e, Mapping) or ("projection" not in e and not e.get("exclude")):
-                raise ConfigError(f"ADMM: constraint entry {i} must be a dict with 'projection'.")
-            types = e.get("op_types", ["default"])
-            names = e.get("op_names", [])
-            for n, m in mods.items():
-                if op_matches(n, type(m).__name__, types, names, DEFAULT_TYPES):
-                    add(n, None if e.get("exclude") else e["projection"])
+            if isinstance(e, Mapping) and "sparsity" in e and "projection" not in e:
+                raise ConfigError(f"Entry {i} of the config list of ADMM gives 'sparsity'; ADMM "
+                                  f"entries give a 'projection': write {{'projection': "
+                                  f"Sparsity({e['sparsity']!r}), ...}} instead.")
     else:
-        raise ConfigError(f"ADMM: constraints must be a Projection, a dict or a list. Got "
-                          f"{constraints!r}.")
-    if not out:
-        raise ConfigError("ADMM: the constraints match no weight of the model.")
-    return out
+        raise ConfigError(f"The constraints of ADMM must be a config list such as {_EXAMPLE} or a "
+                          f"Projection. Got {constraints!r} instead.")
+
+    def parse(e: Mapping[str, Any], where: str) -> Projection:
+        p = e.get("projection")
+        if not isinstance(p, Projection):
+            raise ConfigError(f"The 'projection' of {where} must be a Projection (Sparsity, "
+                              f"ChannelSparsity, Levels, Intersection, JointBudget or a subclass "
+                              f"of your own). Got {p!r} instead.")
+        return p
+
+    chosen = resolve_config(model, constraints, parse, keys=("projection",), owner="ADMM",
+                            example=_EXAMPLE)
+    return {weight_name(n): p for n, p in chosen.items()}
+
+
+def _check_positive(v: Any, name: str, low: float, strict: bool) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v > low if strict else v >= low)
+    if not ok:
+        raise ConfigError(f"The '{name}' parameter of ADMM must be a float {'>' if strict else '>='} "
+                          f"{low:g}. Got {v!r} instead.")
+    return float(v)
 
 
 class ADMM:
-    """The ADMM driver (see the module docstring)."""
+    """The ADMM driver (see the module docstring).
 
-    def __init__(self, model: nn.Module, constraints: Any, *, rho: float = 1e-3,
+    ``rho`` (0.2) weighs the augmented-Lagrangian term, multiplied by ``rho_growth`` after every
+    Z/U update up to ``rho_max``; ``update_interval`` is in calls of ``step()`` (about one epoch
+    is usual). ``example_inputs`` are needed with ``ChannelSparsity`` (to trace the graph).
+
+    Example:
+        >>> admm = ADMM(model, Sparsity(0.9), rho_growth=1.05, update_interval=len(loader))
+
+    Raises:
+        ConfigError: bad constraints or hyper-parameters (at construction).
+    """
+
+    def __init__(self, model: nn.Module, constraints: Any, *, rho: float = DEFAULT_RHO,
                  rho_growth: float = 1.0, rho_max: float | None = None, update_interval: int = 100,
                  example_inputs: Any = None, global_projection: Any = None):
-        if not isinstance(rho, (int, float)) or isinstance(rho, bool) or rho <= 0:
-            raise ConfigError(f"The 'rho' parameter of ADMM must be a float > 0. Got {rho!r} instead.")
-        if not isinstance(rho_growth, (int, float)) or rho_growth < 1:
-            raise ConfigError(f"The 'rho_growth' parameter of ADMM must be >= 1. Got {rho_growth!r}.")
-        if not isinstance(update_interval, int) or update_interval < 1:
+        self.rho = _check_positive(rho, "rho", 0, True)
+        self.rho_growth = _check_positive(rho_growth, "rho_growth", 1, False)
+        self.rho_max = None if rho_max is None else _check_positive(rho_max, "rho_max", 0, True)
+        if not isinstance(update_interval, int) or isinstance(update_interval, bool) or update_interval < 1:
             raise ConfigError(f"The 'update_interval' parameter of ADMM must be an int >= 1. Got "
                               f"{update_interval!r} instead.")
+        if global_projection is not None:
+            raise ConfigError(f"The 'global_projection' parameter of ADMM is gone: pass the global "
+                              f"projection as the constraint, ADMM(model, {global_projection!r}) or "
+                              f"ADMM(model, [{{'op_names': [...], 'projection': "
+                              f"{type(global_projection).__name__}(...)}}]).")
         self.model = model
-        self.constraints = _resolve(model, constraints)
-        self.rho, self.rho_growth, self.rho_max = float(rho), float(rho_growth), rho_max
+        self.constraints = resolve_constraints(model, constraints)
         self.interval = update_interval
-        self.global_projection = global_projection
         self.params = dict(model.named_parameters())
+        self._groups: dict[int, tuple[Projection, list[str]]] = {}
+        for n, p in self.constraints.items():
+            self._groups.setdefault(id(p), (p, []))[1].append(n)
+        channel = {p.criterion for p in self.constraints.values() if isinstance(p, ChannelSparsity)}
+        if len(channel) > 1:
+            raise ConfigError(f"All ChannelSparsity constraints of one ADMM must use the same "
+                              f"criterion. Got {sorted(channel)}.")
         self.graph = None
-        if any(isinstance(p, ChannelSparsity) for p in self.constraints.values()):
+        if channel:
             if example_inputs is None:
                 raise ConfigError("ADMM with ChannelSparsity removes coupled channels through the "
                                   "dependency graph: pass example_inputs=... .")
@@ -204,23 +139,31 @@ class ADMM:
             self.graph = trace(model, example_inputs)
         self.steps = 0
         self.updates = 0
+        self._plan = None
         self.U = {n: torch.zeros_like(self.params[n]) for n in self.constraints}
         self.Z = self._project({n: self.params[n].detach() for n in self.constraints})
         self._saved: dict[str, torch.Tensor] | None = None
         self._hooks: list[Any] = []
-        self._plan = None
+        self.masks: dict[str, torch.Tensor] = {}
+        self._final: nn.Module | None = None
 
     # ------------------------------------------------------------------ projection
-    def _project(self, V: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
+    def _project(self, V: dict[str, torch.Tensor], *, channels: bool = True) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for p, names in self._groups.values():
+            if isinstance(p, ChannelSparsity):
+                continue
+            got = p.project_all({n: V[n].detach().clone() for n in names})
+            for n in names:
+                z = got.get(n) if isinstance(got, Mapping) else None
+                if not isinstance(z, torch.Tensor) or z.shape != V[n].shape:
+                    raise ConfigError(
+                        f"{p!r} must map weight '{n}' of shape {tuple(V[n].shape)} to a tensor of "
+                        f"the same shape. Got {type(z).__name__ if z is None else tuple(z.shape)}.")
+                out[n] = z.to(V[n].dtype)
         channel = {n: p for n, p in self.constraints.items() if isinstance(p, ChannelSparsity)}
-        for n, p in self.constraints.items():
-            if n not in channel:
-                out[n] = p.project(V[n].detach().clone(), n)
-        if channel:
+        if channel and channels:
             out.update(self._project_channels(V, channel))
-        if self.global_projection is not None:
-            out.update(self.global_projection.project_all(out))
         return out
 
     def _project_channels(self, V: dict[str, torch.Tensor],
@@ -233,13 +176,13 @@ class ADMM:
                           crit, projected=canon)
         self._plan = plan
         out = {n: V[n].detach().clone() for n in channel}
+        by_canon = {self.graph.aliases[n]: n for n in channel}
         for name, gp in plan.groups.items():
             g = self.graph.group(name)
             drop = torch.ones(g.size, dtype=torch.bool)
             drop[list(gp.keep)] = False
             for m in g.sources:
-                alias = next((a for a, c in self.graph.aliases.items()
-                              if c == m.param and a in out), None)
+                alias = by_canon.get(m.param)
                 if alias is None:
                     continue
                 sel = drop[torch.as_tensor(m.unit)]
@@ -247,15 +190,22 @@ class ADMM:
                 out[alias].index_fill_(m.dim, idx, 0)
         return out
 
-    # ------------------------------------------------------------------ training hooks
+    # ------------------------------------------------------------------ the training loop
     def loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """``loss`` plus rho/2 * sum ||W - Z + U||^2 (call before ``backward``)."""
+        """``loss`` plus rho/2 * sum ||W - Z + U||^2 (call before ``backward``); after
+        ``finalize()`` the loss unchanged."""
+        if self._final is not None:
+            return loss
         reg = sum(((self.params[n] - self.Z[n] + self.U[n]) ** 2).sum() for n in self.constraints)
         return loss + 0.5 * self.rho * reg
 
     @torch.no_grad()
     def step(self) -> None:
-        """Call after every optimizer step: every ``update_interval`` steps Z and U are updated."""
+        """Call after every optimizer step: every ``update_interval`` steps Z and U are updated;
+        after ``finalize()`` it re-applies the masks instead (pruned weights stay exactly zero)."""
+        if self._final is not None:
+            self._apply_masks()
+            return
         self.steps += 1
         if self.steps % self.interval:
             return
@@ -274,58 +224,146 @@ class ADMM:
             return {n: float((self.params[n] - self.Z[n]).norm()
                              / self.params[n].norm().clamp_min(1e-12)) for n in self.constraints}
 
-    # ------------------------------------------------------------------ evaluation helpers
+    # ------------------------------------------------------------------ looking at the result
+    @contextmanager
+    def projected(self) -> Iterator[nn.Module]:
+        """Inside the block the weights are their projection (e.g. to evaluate the model ADMM is
+        heading for); on leaving, the trained weights are back.
+
+        Example:
+            >>> with admm.projected():
+            ...     acc = evaluate(model, x, y)
+        """
+        self.apply_projection()
+        try:
+            yield self.model
+        finally:
+            self.restore()
+
     @torch.no_grad()
     def apply_projection(self) -> None:
-        """Replace the weights by their projection (save them first; ``restore()`` undoes)."""
+        """Replace the weights by their projection (``restore()`` undoes; see ``projected``)."""
+        if self._final is not None:
+            raise ConfigError("ADMM.apply_projection() after finalize(): the weights are already "
+                              "projected (call finalize() again to re-project after fine-tuning).")
         self._saved = {n: self.params[n].detach().clone() for n in self.constraints}
-        proj = self._project({n: self.params[n].detach() for n in self.constraints})
-        for n, z in proj.items():
+        for n, z in self._project({n: self.params[n].detach() for n in self.constraints}).items():
             self.params[n].copy_(z)
 
     @torch.no_grad()
     def restore(self) -> None:
+        """Put back the weights ``apply_projection()`` replaced."""
         if self._saved is None:
             raise ConfigError("ADMM.restore() without apply_projection().")
         for n, w in self._saved.items():
             self.params[n].copy_(w)
         self._saved = None
 
-    def masks(self) -> dict[str, torch.Tensor]:
-        """Non-zero patterns of the projected weights of sparsity constraints."""
-        proj = self._project({n: self.params[n].detach() for n in self.constraints})
-        return {n: proj[n] != 0 for n, p in self.constraints.items()
-                if p.keeps_zeros or self.global_projection is not None}
-
-    def grad_mask(self, masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Mask gradients (and keep the weights masked at ``step_masked()``) so pruned weights stay
-        exactly zero during fine-tuning. Returns the masks."""
-        masks = masks if masks is not None else self.masks()
-        for h in self._hooks:
-            h.remove()
-        self._hooks = [self.params[n].register_hook(lambda g, m=m: g * m.to(g.dtype))
-                       for n, m in masks.items()]
-        self._grad_masks = masks
-        return masks
-
-    @torch.no_grad()
-    def step_masked(self) -> None:
-        """After an optimizer step in masked fine-tuning: re-apply the masks."""
-        for n, m in getattr(self, "_grad_masks", {}).items():
-            self.params[n].mul_(m.to(self.params[n].dtype))
-
+    # ------------------------------------------------------------------ the end
     @torch.no_grad()
     def finalize(self) -> nn.Module:
-        """Project for good. Returns the model, physically shrunk if channel sparsity was a
-        constraint (a new module; fine-tune it). Masks of the kept sparsity are in
-        ``self.final_masks``; ``grad_mask()`` keeps them during fine-tuning."""
+        """Project for good and keep the zeros: returns the model to fine-tune (a new, physically
+        smaller module if ``ChannelSparsity`` removed channels, else the model). Every constrained
+        weight whose projection keeps zeros (``Projection.keeps_zeros``) gets a mask in
+        ``self.masks``; from now on gradients are masked and ``step()`` re-applies the masks
+        after each optimizer step, so masked retraining is the same loop as ADMM training.
+
+        Called again (after fine-tuning), it projects the weights onto their sets once more,
+        masks kept (e.g. back onto the quantization levels).
+
+        Example:
+            >>> small = admm.finalize()
+            >>> opt = torch.optim.SGD(small.parameters(), lr=1e-3)   # then train; admm.step()
+        """
+        if self._final is not None:
+            return self._reproject()
         proj = self._project({n: self.params[n].detach() for n in self.constraints})
         for n, z in proj.items():
             self.params[n].copy_(z)
-        self.final_masks = {n: z != 0 for n, z in proj.items()
-                            if self.constraints[n].keeps_zeros or self.global_projection is not None}
-        if self._plan is not None and self.graph is not None and self._plan.groups:
+        model = self.model
+        shrunk = self._plan is not None and bool(self._plan.groups)
+        if shrunk:
             from ..apply import apply_plan
 
-            return apply_plan(self.graph, self._plan).model
-        return self.model
+            model = apply_plan(self.graph, self._plan).model
+        params = dict(model.named_parameters())
+        masks = {}
+        for n, p in self.constraints.items():
+            if shrunk and isinstance(p, ChannelSparsity):
+                continue  # the channels are gone
+            w = params[n]
+            if p.keeps_zeros or (p.keeps_zeros is None and bool((w == 0).any())):
+                masks[n] = (w != 0).detach()
+        self._final = model
+        self._install(masks)
+        return model
+
+    def _reproject(self) -> nn.Module:
+        params = dict(self._final.named_parameters())
+        names = [n for n, p in self.constraints.items() if not isinstance(p, ChannelSparsity)]
+        for n, z in self._project({n: params[n].detach() for n in names}, channels=False).items():
+            params[n].copy_(z)
+        self._apply_masks()
+        return self._final
+
+    def _install(self, masks: dict[str, torch.Tensor]) -> None:
+        for h in self._hooks:
+            h.remove()
+        model = self._final if self._final is not None else self.model
+        params = dict(model.named_parameters())
+        self._hooks = [params[n].register_hook(lambda g, m=m: g * m.to(g.dtype))
+                       for n, m in masks.items() if params[n].requires_grad]
+        self._masked = {n: params[n] for n in masks}
+        self.masks = masks
+        self._apply_masks()
+
+    @torch.no_grad()
+    def _apply_masks(self) -> None:
+        for n, m in self.masks.items():
+            p = self._masked[n]
+            p.mul_(m.to(p.dtype))
+
+    def release(self) -> None:
+        """Remove the gradient hooks ``finalize()`` installed (the weights keep their zeros)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def export_masks(self, path: Any) -> None:
+        """Save the masks of ``finalize()`` (safetensors, names of the model's state_dict).
+
+        Raises:
+            ConfigError: before ``finalize()``.
+        """
+        if self._final is None:
+            raise ConfigError("ADMM.export_masks() before finalize(): the masks are made by "
+                              "finalize().")
+        from ..export.masks import save_masks
+
+        save_masks(self.masks, path)
+
+    # ------------------------------------------------------------------ deprecated
+    @property
+    def final_masks(self) -> dict[str, torch.Tensor]:
+        """The masks of ``finalize()`` (the same as ``self.masks``)."""
+        return self.masks
+
+    def grad_mask(self, masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Deprecated: ``finalize()`` installs the masks and ``step()`` keeps them."""
+        warnings.warn("ADMM.grad_mask() is deprecated: finalize() installs the masks and step() "
+                      "keeps them after every optimizer step.", FutureWarning, stacklevel=2)
+        if self._final is None:
+            self.finalize()
+        if masks is not None:
+            self._install(masks)
+        return self.masks
+
+    def step_masked(self) -> None:
+        """Deprecated: call ``step()`` (after ``finalize()`` it re-applies the masks)."""
+        warnings.warn("ADMM.step_masked() is deprecated: call step(); after finalize() it "
+                      "re-applies the masks.", FutureWarning, stacklevel=2)
+        self._apply_masks()
+
+
+__all__ = ["ADMM", "ChannelSparsity", "DEFAULT_RHO", "Intersection", "Levels", "Projection",
+           "Sparsity", "resolve_constraints"]

@@ -1,14 +1,14 @@
 """Sparsity-quantization joint learning under global budgets (Yang et al., CVPR 2020).
 
-``JointBudget`` is a global projection for ``ADMM``: given a budget of non-zero weights (a
-fraction of all compressed weights) and an average bit-width over those non-zeros, it keeps the
-largest weights across all layers (so each layer's sparsity is allocated by the budget, not set
-by hand), then chooses per-layer bit-widths greedily — from ``max_bits`` down, always lowering
-the layer whose quantization error grows least per bit saved — until the average meets the
-budget (never below ``min_bits``), and quantizes each layer's non-zeros uniformly. Bit-widths
-may change every ``bits_every`` projections until ``bits_until`` projections, then stay fixed.
-``compression_report`` counts the result honestly: weights x bits + index overhead + scales +
-every uncompressed tensor in fp32.
+``JointBudget`` is a global projection for ``ADMM`` (one constraint over all the layers it
+covers): given a budget of non-zero weights (a fraction of all compressed weights) and an average
+bit-width over those non-zeros, it keeps the largest weights across all layers (so each layer's
+sparsity is allocated by the budget, not set by hand), then chooses per-layer bit-widths greedily
+— from ``max_bits`` down, always lowering the layer whose quantization error grows least per bit
+saved — until the average meets the budget (never below ``min_bits``), and quantizes each layer's
+non-zeros uniformly. Bit-widths may change every ``bits_every`` projections until ``bits_until``
+projections, then stay fixed. ``compression_report`` counts the result honestly: weights x bits +
+index overhead + scales + every uncompressed tensor in fp32.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from torch import nn
 
 from .._validate import check_fraction
 from ..errors import ConfigError
+from ..sparsity import keep_largest, n_kept
+from .projections import Projection
 
 
 def _quantize(v: torch.Tensor, bits: int) -> torch.Tensor:
@@ -34,14 +36,22 @@ def _quantize(v: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(torch.round(v / s), -m, m) * s
 
 
-class JointBudget:
-    """Global non-zero and bit budgets (see the module docstring)."""
+class JointBudget(Projection):
+    """Global non-zero and bit budgets (see the module docstring): a projection of all the weights
+    it constrains at once.
+
+    Example:
+        >>> admm = ADMM(model, JointBudget(nnz_budget=0.05, bit_budget=3.5), update_interval=22)
+    """
+
+    keeps_zeros = True
 
     def __init__(self, nnz_budget: float, bit_budget: float, *, min_bits: int = 2,
                  max_bits: int = 8, bits_every: int = 1, bits_until: int | None = None):
         self.nnz_budget = check_fraction(nnz_budget, "nnz_budget", "JointBudget", allow_one=True)
         if self.nnz_budget <= 0:
-            raise ConfigError("The 'nnz_budget' parameter of JointBudget must be > 0.")
+            raise ConfigError(f"The 'nnz_budget' parameter of JointBudget must be a float in (0, 1]. "
+                              f"Got {nnz_budget!r} instead.")
         if not isinstance(min_bits, int) or not 1 < min_bits <= max_bits <= 16:
             raise ConfigError(f"JointBudget needs 2 <= min_bits <= max_bits <= 16. Got min_bits="
                               f"{min_bits!r}, max_bits={max_bits!r}.")
@@ -54,16 +64,22 @@ class JointBudget:
         self.calls = 0
 
     def _sparsify(self, W: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep exactly ``n_kept(total, 1 - nnz_budget)`` weights of largest |w| over all layers
+        (ties: lower index), every layer at least its largest."""
         total = sum(w.numel() for w in W.values())
-        k = max(len(W), int(round(self.nnz_budget * total)))
-        flat = torch.cat([w.abs().flatten() for w in W.values()])
-        thr = flat.kthvalue(max(1, total - k + 1)).values if k < total else flat.min() - 1
-        out = {}
+        k = n_kept(total, 1.0 - self.nnz_budget, min_keep=len(W))
+        scores = []
+        for w in W.values():
+            s = w.detach().abs().flatten().clone()
+            if s.numel():
+                s[int(torch.argmax(s))] = math.inf  # every layer keeps its largest weight
+            scores.append(s)
+        keep = keep_largest(torch.cat(scores), k)
+        out, at = {}, 0
         for n, w in W.items():
-            keep = w.abs() >= thr
-            if not keep.any():  # every layer keeps at least its largest weight
-                keep = w.abs() == w.abs().max()
-            out[n] = torch.where(keep, w, torch.zeros_like(w))
+            kw = keep[at:at + w.numel()].view(w.shape)
+            at += w.numel()
+            out[n] = torch.where(kw, w, torch.zeros_like(w))
         return out
 
     def _allocate(self, S: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -87,6 +103,9 @@ class JointBudget:
             err[best] = best_err
         return bits
 
+    def project(self, w: torch.Tensor, name: str) -> torch.Tensor:
+        return self.project_all({name: w})[name]
+
     @torch.no_grad()
     def project_all(self, W: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         S = self._sparsify(W)
@@ -102,7 +121,16 @@ class JointBudget:
             out[n] = q
         return out
 
-    def summary(self, W: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def __repr__(self) -> str:
+        return (f"JointBudget(nnz_budget={self.nnz_budget!r}, bit_budget={self.bit_budget!r}, "
+                f"min_bits={self.min_bits}, max_bits={self.max_bits})")
+
+    def summary(self, W: dict[str, torch.Tensor] | nn.Module) -> dict[str, Any]:
+        """Density, average bits and per-layer (density, bits) of the weights ``W`` (a dict, or
+        a model whose weights the budget constrained)."""
+        if isinstance(W, nn.Module):
+            sd = W.state_dict()
+            W = {n: sd[n] for n in self.bits}
         nnz = {n: int((w != 0).sum()) for n, w in W.items()}
         total = sum(w.numel() for w in W.values())
         return {"density": sum(nnz.values()) / max(1, total),

@@ -19,7 +19,6 @@ its consumers' input channels), so ``finalize()`` returns the physically smaller
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..sparsity import magnitude_mask
 from .targets import Target, resolve
 
 
@@ -146,18 +146,13 @@ class MaskPruner:
 
 
 def _unstructured(w: torch.Tensor, sparsity: float, granularity: str) -> torch.Tensor:
-    """Magnitude mask: remove the ``sparsity`` fraction of weights (or kernels) of least |w|."""
+    """Magnitude mask: remove exactly ``n_pruned(n, sparsity)`` weights (or kernels) of least |w|
+    (``graphprune.sparsity``; at least one kept, ties: the lower index stays)."""
     if granularity == "kernel" and w.ndim > 2:
         scores = w.abs().flatten(2).sum(-1)  # (out, in): L1 of each kernel
     else:
         scores = w.abs()
-    n = scores.numel()
-    k = int(math.floor(sparsity * n + 1e-9))
-    keep = torch.ones(n, dtype=torch.bool)
-    if k > 0:
-        idx = torch.argsort(scores.flatten(), stable=True)[:k]
-        keep[idx] = False
-    keep = keep.view(scores.shape)
+    keep = magnitude_mask(scores, sparsity)
     if keep.shape != w.shape:
         keep = keep.view(*keep.shape, *([1] * (w.ndim - keep.ndim))).expand_as(w).clone()
     return keep

@@ -7,7 +7,8 @@ import numpy as np
 
 from ..criteria import ScoreContext, get_criterion, score_group
 from ..graph import ChannelGraph
-from ..plan import Plan, keep_count, plan_from_scores
+from ..plan import Plan, plan_from_scores
+from ..sparsity import n_kept
 
 
 def group_plan(graph: ChannelGraph, module_sparsity: dict[str, float], criterion: str,
@@ -25,7 +26,7 @@ def group_plan(graph: ChannelGraph, module_sparsity: dict[str, float], criterion
         sp = [module_sparsity[m.module] for m in g.sources if m.module in module_sparsity]
         if not sp:
             continue
-        k = keep_count(g.size, max(sp))
+        k = n_kept(g.size, max(sp))
         if k < g.size:
             scores[g.name] = score_group(crit, g, ctx)
             amounts[g.name] = k

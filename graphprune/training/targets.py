@@ -1,5 +1,15 @@
 """Which weights a training-time method compresses: an NNI-style config list resolved against a
-model, and the granularities a mask can have.
+model (``graphprune.opmatch.resolve_config``, the one resolver of the mask pruners, ADMM and the
+joint budgets), and the granularities a mask can have.
+
+A config list is a list of dicts; each selects modules and says what to do with them. Later
+entries override earlier ones; ``"exclude": True`` takes the modules it selects out again.
+
+- ``op_types``: class names (``"Conv2d"``); ``"default"`` = the convolution and linear layers
+  (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.Linear`` and their subclasses).
+- ``op_names``: module paths, shell globs allowed (``"layer3.*"``).
+- Omitted ``op_types``: any class when ``op_names`` is given, else ``["default"]``; omitted
+  ``op_names``: any path. Only modules with a weight of two or more dimensions are compressed.
 
 ``element`` masks single weights; ``kernel`` whole k x k kernels (one input channel of one
 filter); ``filter`` and ``channel`` remove whole coupled channel units of the dependency graph
@@ -16,13 +26,20 @@ from typing import Any
 from torch import nn
 
 from .._validate import check_choice, check_fraction
-from ..opmatch import op_matches
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError
+from ..opmatch import (  # noqa: F401  (re-exported: the resolver's home is opmatch)
+    DEFAULT_CLASSES, DEFAULT_TYPES, SELECTION_KEYS, Selector, has_weight_matrix, resolve_config,
+)
 
 GRANULARITIES = ("element", "kernel", "filter", "channel")
-DEFAULT_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear")
 
 
+def weight_name(module_path: str) -> str:
+    """The state_dict name of a module's weight."""
+    return f"{module_path}.weight" if module_path else "weight"
+
+
+# ---------------------------------------------------------------------- mask pruner targets
 @dataclass(frozen=True)
 class Target:
     """One compressed layer: its module path, weight name and settings."""
@@ -35,57 +52,34 @@ class Target:
 
 def resolve(model: nn.Module, config_list: Sequence[Mapping[str, Any]], *,
             granularity: str = "element", owner: str = "pruner") -> list[Target]:
-    """Targets of ``config_list`` in ``model``; later entries override earlier ones.
+    """Targets of ``config_list`` in ``model`` (entry keys: the selection keys, ``sparsity`` — a
+    float or a non-decreasing list of per-stage floats — and ``granularity``).
 
-    Entry keys: ``sparsity`` (a float or a list of per-stage floats), ``op_types`` (class names,
-    'default' = Conv and Linear), ``op_names`` (module paths, globs), ``exclude``, ``granularity``.
+    Example:
+        >>> [t.param for t in resolve(net, [{"sparsity": 0.5, "op_types": ["Conv2d"]}])]
+        ['conv1.weight', 'conv2.weight']
+
+    Raises:
+        ConfigError: see ``resolve_config``; a sparsity outside [0, 1), a decreasing schedule, an
+            unknown granularity.
     """
     check_choice(granularity, "granularity", owner, GRANULARITIES)
-    if not isinstance(config_list, Sequence) or isinstance(config_list, (str, bytes)) or not config_list:
-        raise ConfigError(f"{owner} needs a non-empty config list such as [{{'sparsity': 0.8, "
-                          f"'op_types': ['default']}}]. Got {config_list!r}.")
-    mods = dict(model.named_modules())
-    chosen: dict[str, Target] = {}
-    allowed = {"sparsity", "op_types", "op_names", "exclude", "granularity"}
-    for i, e in enumerate(config_list):
-        if not isinstance(e, Mapping):
-            raise ConfigError(f"{owner}: config list entry {i} must be a dict. Got {e!r}.")
-        for k in e:
-            if k not in allowed:
-                raise ConfigError(f"Unknown key '{k}' in config list entry {i} of {owner}. "
-                                  f"Allowed: {', '.join(sorted(allowed))}.{did_you_mean(k, allowed)}")
-        types = list(e.get("op_types", ["default"]))
-        names = list(e.get("op_names", []))
-        if "op_types" not in e and "op_names" not in e and not e.get("exclude"):
-            types = ["default"]
+
+    def parse(e: Mapping[str, Any], where: str) -> tuple[tuple[float, ...], str]:
+        raw = e.get("sparsity")
+        if raw is None:
+            raise ConfigError(f"{where[0].upper()}{where[1:]} needs 'sparsity' (or "
+                              "'exclude': True).")
+        sp = tuple(raw) if isinstance(raw, (list, tuple)) else (raw,)
+        if not sp:
+            raise ConfigError(f"{where[0].upper()}{where[1:]} has an empty sparsity list.")
+        sp = tuple(check_fraction(s, "sparsity", owner) for s in sp)
+        if any(b < a for a, b in zip(sp, sp[1:])):
+            raise ConfigError(f"The staged sparsities of {where} must not decrease. Got {list(sp)}.")
         gran = e.get("granularity", granularity)
         check_choice(gran, "granularity", owner, GRANULARITIES)
-        sp: tuple[float, ...] = ()
-        if not e.get("exclude"):
-            raw = e.get("sparsity")
-            if raw is None:
-                raise ConfigError(f"{owner}: config list entry {i} needs 'sparsity' (or "
-                                  "'exclude': True).")
-            sp = tuple(raw) if isinstance(raw, (list, tuple)) else (raw,)
-            if not sp:
-                raise ConfigError(f"{owner}: config list entry {i} has an empty sparsity list.")
-            for s in sp:
-                check_fraction(s, "sparsity", owner)
-            if any(b < a for a, b in zip(sp, sp[1:])):
-                raise ConfigError(f"{owner}: the staged sparsities of entry {i} must not decrease. "
-                                  f"Got {list(sp)}.")
-        for n, m in mods.items():
-            if not op_matches(n, type(m).__name__, types, names, DEFAULT_TYPES):
-                continue
-            if getattr(m, "weight", None) is None:
-                continue
-            if e.get("exclude"):
-                chosen.pop(n, None)
-            else:
-                chosen[n] = Target(n, f"{n}.weight" if n else "weight", sp, gran)
-    if not chosen:
-        raise ConfigError(f"{owner}: the config list matches no layer of {type(model).__name__} "
-                          f"(op_types are class names such as "
-                          f"{', '.join(sorted({type(m).__name__ for m in mods.values()})[:5])}; "
-                          "op_names are module paths).")
-    return list(chosen.values())
+        return sp, gran
+
+    chosen = resolve_config(model, config_list, parse, keys=("sparsity", "granularity"),
+                            owner=owner, example="[{'sparsity': 0.8, 'op_types': ['default']}]")
+    return [Target(n, weight_name(n), sp, gran) for n, (sp, gran) in chosen.items()]

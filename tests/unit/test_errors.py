@@ -136,8 +136,10 @@ def test_config_errors():
         gp.prune(m, X32, config=[{"op_names": ["nope.*"], "sparsity": 0.5}])
     with pytest.raises(ConfigError, match="Unknown key 'sparcity'.*Did you mean 'sparsity'"):
         gp.prune(m, X32, config=[{"op_types": ["Conv2d"], "sparcity": 0.5}])
-    with pytest.raises(ConfigError, match="op_types' or 'op_names"):
-        gp.prune(m, X32, config=[{"sparsity": 0.5}])
+    # an entry naming neither op_types nor op_names selects the default layers (as in training)
+    plain = gp.prune(m, X32, config=[{"sparsity": 0.5}]).plan
+    default = gp.prune(m, X32, config=[{"op_types": ["default"], "sparsity": 0.5}]).plan
+    assert plain.channels == default.channels and plain.groups
     with pytest.raises(ConfigError, match="sparsity' parameter of a config list entry"):
         gp.prune(m, X32, config=[{"op_types": ["Conv2d"], "sparsity": 2}])
     with pytest.raises(ConfigError, match="Did you mean 'layer1.0.conv[12]'"):
