@@ -1,19 +1,29 @@
-"""Channel selection and reconstruction: accuracy, output error and seconds per method.
+"""Channel selection and reconstruction: accuracy, output error, seconds, forward passes, memory.
 
 1. digits CNN (trained here on scikit-learn's real 8x8 digits, width 16): test accuracy after
    pruning 30/50/70% of the channels WITHOUT fine-tuning, per method, with and without
    least-squares reconstruction (256 calibration images).
 2. torchvision resnet18 (random init): output relative error and cosine on 16 held-out crops of
    scikit-learn's sample photos, after pruning 50% with 32 calibration crops.
-3. torchvision resnet50, 50%, lasso + reconstruction, 64 calibration crops of 224x224: seconds
-   and peak memory (in a child process, so the figure is its own).
+3. Cost at ImageNet size: torchvision resnet50, mobilenet_v2 and densenet121 (random init), 50%,
+   64 calibration crops of 224x224, per method (l1 + reconstruction, taylor, lasso +
+   reconstruction, greedy + reconstruction): seconds of ``graphprune.prune``, the same in
+   "forward passes" (seconds / seconds of one dense forward pass over the 64 crops, timed in the
+   same process before and after the prune, mean of the two), the same counted instead of timed
+   ("layer passes": multiply-accumulates of every Conv/Linear call during the prune, on the model
+   and on the copies it makes, / those of one dense pass; deterministic, the whole
+   ``graphprune.prune`` call: trace, data passes, verification and the fidelity report), the
+   process's peak resident memory
+   (``getrusage(RUSAGE_SELF).ru_maxrss``: everything the process held, model and torch
+   included; each row runs in its own child process), and the output error on 16 held-out crops.
 
-    python bench/selection.py [--quick]
+    python bench/selection.py [--quick] [--models resnet50,...] [--methods lasso+rec,...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import subprocess
@@ -32,6 +42,8 @@ from graphprune.datasets import digits, sample_crops  # noqa: E402
 from graphprune.finetune import evaluate, train  # noqa: E402
 
 METHODS = ["l1", "l2", "fpgm", "random", "bn_scale", "taylor", "lasso", "greedy"]
+COST_MODELS = "resnet50,mobilenet_v2,densenet121"
+COST_METHODS = "l1+rec,taylor,lasso+rec,greedy+rec"
 
 
 def digits_table(sparsities) -> None:
@@ -83,46 +95,101 @@ def resnet18_table() -> None:
                   f"{f['cosine']:.4f} | {dt:.1f} |", flush=True)
 
 
-def resnet50_child() -> None:
+def _dense_pass(model, calib) -> float:
+    t = time.perf_counter()
+    with torch.no_grad():
+        for xs, _ in calib:
+            model(*xs)
+    return time.perf_counter() - t
+
+
+def _count_macs(model) -> dict[str, int]:
+    """Forward hooks counting the MACs of every Conv2d/Linear call (copies of the model share
+    them: ``copy.deepcopy`` copies the hook dicts)."""
+    import math
+
+    total = {"macs": 0}
+
+    def hook(m, inp, out):
+        if isinstance(m, torch.nn.Linear):
+            total["macs"] += out.numel() * m.in_features
+        else:
+            total["macs"] += out.numel() * (inp[0].shape[1] // m.groups) * math.prod(m.kernel_size)
+
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.register_forward_hook(hook)
+    return total
+
+
+def cost_child(name: str, spec: str) -> None:
+    """One (model, method) row, in its own process; prints one JSON line."""
     import torchvision
+
+    from graphprune.calibration import as_calibration
+    from graphprune.datadriven.sequential import output_fidelity
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = torchvision.models.resnet50().eval()
-    x = sample_crops(64)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x, held = sample_crops(64), sample_crops(16, seed=2)
+    calib = as_calibration(x)
+    method, rec = spec.removesuffix("+rec"), spec.endswith("+rec")
+    count = _count_macs(model)
+    before = _dense_pass(model, calib)
+    one, count["macs"] = count["macs"], 0
     t = time.perf_counter()
-    r = gp.prune(model, x[:1], sparsity=0.5, method="lasso", calibration=x, reconstruct=True)
-    dt = time.perf_counter() - t
-    f = r.report.fidelity["total"]
-    print(f"{dt:.1f} {f['rel_err']:.5f} {f['cosine']:.5f}")
+    r = gp.prune(model, x[:1], sparsity=0.5, method=method, calibration=x, reconstruct=rec)
+    secs = time.perf_counter() - t
+    layer_passes = count["macs"] / one
+    after = _dense_pass(model, calib)
+    fwd = (before + after) / 2
+    f = output_fidelity(model, r.model, as_calibration(held))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"model": name, "method": spec, "seconds": secs, "forward": fwd,
+                      "passes": secs / fwd, "layer_passes": layer_passes, "peak_mb": peak,
+                      "rel_err": f["rel_err"],
+                      "cosine": f["cosine"], "timings": r.report.timings}))
 
 
-def resnet50_row() -> None:
-    t = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--resnet50-child"], capture_output=True,
-                         text=True, check=True, env=dict(os.environ, PYTHONPATH=ROOT))
-    wall = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    secs, err, cos = out.stdout.split()[-3:]
-    print("\n## resnet50, 50%, lasso + reconstruction, 64 calibration crops of 224x224")
-    print(f"prune: {float(secs):.1f} s (process wall {wall:.1f} s), peak memory {peak:.0f} MB; "
-          f"output on the calibration crops: rel. error {float(err):.4f}, cosine {float(cos):.5f}")
+def cost_table(models: list[str], methods: list[str]) -> None:
+    print("\n## ImageNet size, 50%, 64 calibration crops of 224x224 (2 threads); output error on "
+          "16 held-out crops")
+    print("| model | method | seconds | forward passes | layer passes | dense forward s | "
+          "peak RSS MB | rel. error | cosine |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in models:
+        for spec in methods:
+            out = subprocess.run([sys.executable, __file__, "--cost-child", name, spec],
+                                 capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+            if out.returncode != 0:
+                print(f"| {name} | {spec} | failed: {out.stderr.strip().splitlines()[-1]} |")
+                continue
+            d = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"| {name} | {spec} | {d['seconds']:.1f} | {d['passes']:.1f} | "
+                  f"{d['layer_passes']:.1f} | {d['forward']:.2f} | {d['peak_mb']:.0f} | "
+                  f"{d['rel_err']:.4f} | {d['cosine']:.5f} |", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="digits only")
-    ap.add_argument("--resnet50-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--models", default=COST_MODELS)
+    ap.add_argument("--methods", default=COST_METHODS)
+    ap.add_argument("--only-cost", action="store_true", help="skip the digits and resnet18 tables")
+    ap.add_argument("--cost-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.resnet50_child:
-        resnet50_child()
+    if args.cost_child:
+        cost_child(*args.cost_child)
         return
     torch.set_num_threads(2)
     print(f"# {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, torch {torch.__version__}")
-    digits_table([0.3, 0.5, 0.7])
+    if not args.only_cost:
+        digits_table([0.3, 0.5, 0.7])
     if not args.quick:
-        resnet18_table()
-        resnet50_row()
+        if not args.only_cost:
+            resnet18_table()
+        cost_table(args.models.split(","), args.methods.split(","))
 
 
 if __name__ == "__main__":

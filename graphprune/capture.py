@@ -21,6 +21,7 @@ from .errors import GraphPruneError, TraceError
 from .graph import ChannelGraph
 from .grouping import build_graph
 from .probe import probe_export_graph
+from .regions import region_graph
 from .rules.registry import module_rule_for
 from .hf.loading import capture_kwargs, is_hf_model
 from .trace import Inputs, Traced, export_trace, normalize_inputs, trace_model
@@ -43,7 +44,7 @@ def _unreached(model: nn.Module, traced: Traced) -> list[str]:
     return out
 
 
-TRACERS = ("auto", "fx", "export")
+TRACERS = ("auto", "fx", "export", "regions")
 
 
 def _frozen_leaves(model: nn.Module, t: Traced) -> list[str]:
@@ -69,9 +70,12 @@ def trace(model: nn.Module, example_inputs: Any, *, tracer: str = "auto",
 
     ``tracer``: ``"fx"`` (torch.fx symbolic tracing; module-level graph), ``"export"``
     (``torch.export``; ATen-level graph, follows shape-dependent Python control flow on the example
-    inputs) or ``"auto"`` (fx, falling back to torch.export when fx cannot trace the model's own
-    forward, or when modules fx could not trace would freeze channels that torch.export can see
-    through). ``graph.tracer`` and ``graph.tracer_reason`` say which was used and why.
+    inputs), ``"regions"`` (each maximal traceable submodule on the inputs a real forward feeds
+    it, channels tied across their boundaries; ``graphprune.regions``) or ``"auto"`` (fx, falling
+    back to torch.export when fx cannot trace the model's own forward, or when modules fx could
+    not trace would freeze channels that torch.export can see through, and to regions when
+    neither captures the model). ``graph.tracer`` and ``graph.tracer_reason`` say which was used
+    and why.
 
     ``strict``: a channel rule that crashes raises instead of freezing the channels it touches
     (for rule authors and test suites; default: ``graphprune.checks().strict``).
@@ -95,6 +99,8 @@ def trace(model: nn.Module, example_inputs: Any, *, tracer: str = "auto",
             return _export_graph(model, example_inputs, why, strict)
     if tracer == "export":
         return _export_graph(model, example_inputs, "requested", strict)
+    if tracer == "regions":
+        return region_graph(model, example_inputs, why="requested", strict=strict)
     try:
         traced = [trace_model(model, example_inputs, mode="eval")]
     except TraceError as e:
@@ -103,7 +109,11 @@ def trace(model: nn.Module, example_inputs: Any, *, tracer: str = "auto",
         try:
             return _export_graph(model, example_inputs, f"torch.fx failed: {e}", strict)
         except TraceError as e2:
-            raise TraceError(f"{e}\n{e2}") from e
+            try:  # the submodules that trace, each on what the model really feeds it
+                return region_graph(model, example_inputs, strict=strict,
+                                    why="neither torch.fx nor torch.export captures the model")
+            except TraceError as e3:
+                raise TraceError(f"{e}\n{e2}\n{e3}") from e
     if _unreached(model, traced[0]):
         try:
             t2 = trace_model(model, example_inputs, mode="train")

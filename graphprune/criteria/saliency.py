@@ -21,7 +21,7 @@ def bn_scale(group: Group, ctx: ScoreContext) -> np.ndarray:
     for m in group.members:
         mod = ctx.graph.modules.get(m.module) if ctx.graph is not None else None
         if m.param.endswith(".weight") and isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            w = ctx.params[m.param].detach().abs().double().numpy()
+            w = ctx.params[m.param].detach().abs().double().cpu().numpy()
             total += np.bincount(m.unit, weights=w[m.index], minlength=group.size)
             found = True
     if not found:
@@ -51,31 +51,36 @@ def taylor(group: Group, ctx: ScoreContext) -> np.ndarray:
 
 
 def _taylor_terms(ctx: ScoreContext) -> list[dict[tuple[str, int], np.ndarray]]:
-    """Per batch: for every (parameter, dim) member key, sum of grad*weight per index."""
+    """Per batch: for every (parameter, dim) member key, sum of grad*weight per index. Runs on a
+    copy of the model, on ``ctx.device`` if the context has one, else where the model lives."""
     import copy
 
+    from ..datadriven.collect import batch_inputs
+    from ..datadriven.sequential import model_device
+
     graph = ctx.graph
-    model = copy.deepcopy(graph.model).eval()
+    device = getattr(ctx, "device", None) or model_device(graph.model)
+    model = copy.deepcopy(graph.model).to(device).eval()
     params = dict(model.named_parameters())
     keys = sorted({(m.param, m.dim) for m in graph.members if m.param in params})
     out = []
     for xs, y in ctx.calibration:
         model.zero_grad(set_to_none=True)
-        logits = model(*xs)
+        logits = model(*batch_inputs(xs, device))
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
-        target = y if y is not None else logits.detach().argmax(-1)
+        target = y.to(logits.device) if y is not None else logits.detach().argmax(-1)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                  target.reshape(-1))
         loss.backward()
         terms = {}
-        for p, d in keys:
-            w = params[p]
-            if w.grad is None:
-                continue
-            gw = (w.grad * w).detach().double()
-            other = [i for i in range(gw.ndim) if i != d]
-            terms[(p, d)] = (gw.sum(dim=other) if other else gw).numpy()
+        with torch.no_grad():
+            for p, d in keys:
+                w = params[p]
+                if w.grad is None:
+                    continue
+                gw = (w.grad * w).double()
+                other = [i for i in range(gw.ndim) if i != d]
+                terms[(p, d)] = (gw.sum(dim=other) if other else gw).cpu().numpy()
         out.append(terms)
     return out
-

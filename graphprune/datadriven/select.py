@@ -3,16 +3,20 @@ channel selection (He et al., ICCV 2017).
 
 The selectors work on ``GroupStats``: the Gram matrix of each unit's contribution to
 its consumers' outputs, sampled on calibration data. For unit ``u`` and consumer ``j``,
-``Z_u[s, o] = sum_{c in u, k} P_j[s, c, k] W_j[o, c, k]`` at sampled positions ``s`` and outputs
-``o``; ``G = sum_j Z^T Z / ||t_j||^2`` and ``xy = sum_j Z^T t_j / ||t_j||^2`` where ``t_j`` is the
-part of consumer ``j``'s original output that the group's channels must produce (original output
-minus the other inputs' contributions and the bias). Normalising by ``||t_j||^2`` weighs every
-consumer of a group (all convs reading a residual stream, the layers after a concat) equally.
+``Z_u[s, o] = sum_{c in u, k} P_j[s, c, k] W_j[o, c, k]`` at sampled positions ``s`` and every
+output ``o``; ``G = sum_j Z^T Z / ||t_j||^2`` and ``xy = sum_j Z^T t_j / ||t_j||^2`` where ``t_j``
+is the part of consumer ``j``'s original output that the group's channels must produce (original
+output minus the other inputs' contributions and the bias). Normalising by ``||t_j||^2`` weighs
+every consumer of a group (all convs reading a residual stream, the layers after a concat)
+equally.
+
+``Z`` is never formed: with ``X = P`` flattened to (S, C*K), ``sum_{s,o} Z_c Z_c' =
+sum_{k,k'} (X^T X)[ck, c'k'] (W^T W)[ck, c'k']``, so one consumer costs ``(S + O) (C K)^2`` instead
+of ``S O C^2`` and every output channel counts (ThiNet had to sample outputs).
 """
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +27,7 @@ from ..criteria.registry import selector
 from ..graph import Group
 from .collect import Samples
 
-CHUNK_BYTES = 64 << 20  # working memory per contraction chunk
-MAX_OUTPUTS = 64  # output channels sampled per position for the Gram (ThiNet samples outputs)
+CHUNK_BYTES = 64 << 20  # working memory per block of the Gram
 
 
 @dataclass
@@ -34,54 +37,74 @@ class GroupStats:
     rows: int
 
 
-def full_weight(m: nn.Module) -> torch.Tensor:
-    """Weight as (C_out, C_in, K), block-diagonal for grouped convolutions."""
-    w = m.weight.detach().float()
-    if isinstance(m, nn.Linear):
-        return w.unsqueeze(-1)
-    o, ipg = w.shape[0], w.shape[1]
-    w = w.reshape(o, ipg, -1)
-    g = m.groups
-    if g == 1:
-        return w
-    full = w.new_zeros(o, ipg * g, w.shape[-1])
-    opg = o // g
-    for k in range(g):
-        full[k * opg:(k + 1) * opg, k * ipg:(k + 1) * ipg] = w[k * opg:(k + 1) * opg]
-    return full
+def _groups(m: nn.Module) -> int:
+    return 1 if isinstance(m, nn.Linear) else m.groups
+
+
+def _hadamard_gram(X: torch.Tensor, W: torch.Tensor, K: int) -> torch.Tensor:
+    """``sum_{k,k'} (X^T X) * (W^T W)`` per channel pair: X (S, n*K), W (O, n*K) -> (n, n),
+    in blocks of channels so that the working memory stays under ``CHUNK_BYTES``."""
+    F = X.shape[1]
+    n = F // K
+    step = max(1, CHUNK_BYTES // (8 * K * F))
+    out = X.new_empty(n, n)
+    for a in range(0, n, step):
+        sl = slice(a * K, min(n, a + step) * K)
+        blk = (X[:, sl].T @ X) * (W[:, sl].T @ W)  # (b*K, n*K)
+        out[a:a + step] = blk.reshape(-1, K, n, K).sum((1, 3))
+    return out
 
 
 def consumer_stats(m: nn.Module, s: Samples, target: torch.Tensor, units: np.ndarray,
-                   chans: np.ndarray, n_units: int, alive: torch.Tensor, path: str
+                   chans: np.ndarray, n_units: int, alive: torch.Tensor, path: str = ""
                    ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Gram and target correlation of the group's units for one consumer."""
+    """Gram and target correlation of the group's units for one consumer (float64 numpy).
+
+    ``units[i]`` is the unit owning the consumer's input channel ``chans[i]``; ``alive`` (C_in
+    bool) marks the consumer's inputs that are still there. Works where the samples live."""
     P = s.P  # (S, C, K)
-    W = full_weight(m)  # (O, C, K)
-    O = W.shape[0]
-    g = torch.Generator().manual_seed(zlib.crc32(path.encode()))
-    osub = torch.randperm(O, generator=g)[:MAX_OUTPUTS] if O > MAX_OUTPUTS else torch.arange(O)
-    Wo = W[osub]
-    bias = m.bias.detach().float()[osub] if m.bias is not None else torch.zeros(osub.numel())
-    cs = torch.as_tensor(chans, dtype=torch.long)
-    us = torch.as_tensor(units, dtype=torch.long)
-    mask = alive.clone()
+    S, C, K = P.shape
+    dev = P.device
+    g = _groups(m)
+    O = target.shape[1]
+    ipg, opg = C // g, O // g
+    W = m.weight.detach().float().reshape(O, ipg, K).to(dev)  # (O, C/g, K)
+    bias = m.bias.detach().float().to(dev) if m.bias is not None else P.new_zeros(O)
+    cs = torch.as_tensor(chans, dtype=torch.long, device=dev)
+    us = torch.as_tensor(units, dtype=torch.long, device=dev)
+    mask = alive.to(dev).clone()
     mask[cs] = False  # the other live inputs of this consumer
-    rest = torch.einsum("sck,ock->so", P * mask[None, :, None], Wo)
-    t = target[:, osub] - rest - bias  # what this group's channels must produce
+    Xq = P.reshape(S, g, ipg, K)
+    Wq = W.reshape(g, opg, ipg, K)
+    t = target.to(dev) - bias  # what this group's channels must produce, (S, O)
+    if bool(mask.any()):
+        t = t - torch.einsum("sgik,goik->sgo", Xq * mask.reshape(1, g, ipg, 1), Wq).reshape(S, O)
     scale = float((t * t).sum())
     if scale <= 0:
         scale = 1.0
-    Pg, Wg = P[:, cs], Wo[:, cs]
-    nc, S = cs.numel(), P.shape[0]
-    chunk = max(1, CHUNK_BYTES // (4 * max(1, nc) * osub.numel() * 2))
-    G = torch.zeros(n_units, n_units, dtype=torch.float64)
-    xy = torch.zeros(n_units, dtype=torch.float64)
-    for a in range(0, S, chunk):
-        z = torch.einsum("sck,ock->cso", Pg[a:a + chunk], Wg)  # (nc, s, O')
-        A = torch.zeros(n_units, z.shape[1], z.shape[2]).index_add_(0, us, z).reshape(n_units, -1)
-        G += (A @ A.T).double()
-        xy += (A @ t[a:a + chunk].reshape(-1)).double()
-    return (G / scale).numpy(), (xy / scale).numpy(), S * osub.numel()
+    nc = cs.numel()
+    if g == 1:
+        Xg = P[:, cs].reshape(S, nc * K)
+        Wg = W[:, cs].reshape(O, nc * K)
+        Gch = _hadamard_gram(Xg, Wg, K)  # (nc, nc)
+        xy = (Xg * (t @ Wg)).sum(0).reshape(nc, K).sum(1)
+    else:  # block-diagonal: only channels of the same conv group interact
+        q, loc = cs // ipg, cs % ipg
+        qs, qpos = torch.unique(q, return_inverse=True)
+        Xs = Xq[:, qs].reshape(S, qs.numel(), ipg * K)  # (S, nq, ipg*K)
+        Ws = Wq[qs].reshape(qs.numel(), opg, ipg * K)  # (nq, opg, ipg*K)
+        H = torch.einsum("sqi,sqj->qij", Xs, Xs) * torch.einsum("qoi,qoj->qij", Ws, Ws)
+        Gq = H.reshape(-1, ipg, K, ipg, K).sum((2, 4))  # (nq, ipg, ipg)
+        same = q[:, None] == q[None, :]
+        Gch = Gq[qpos[:, None], loc[:, None], loc[None, :]] * same
+        tq = t.reshape(S, g, opg)[:, qs]  # (S, nq, opg)
+        tw = torch.einsum("sqo,qoi->sqi", tq, Ws)
+        xyq = (Xs * tw).sum(0).reshape(-1, ipg, K).sum(-1)  # (nq, ipg)
+        xy = xyq[qpos, loc]
+    Gu = torch.zeros(n_units, nc, dtype=torch.float64, device=dev).index_add_(0, us, Gch.double())
+    Gu = torch.zeros(n_units, n_units, dtype=torch.float64, device=dev).index_add_(1, us, Gu)
+    xyu = torch.zeros(n_units, dtype=torch.float64, device=dev).index_add_(0, us, xy.double())
+    return (Gu / scale).cpu().numpy(), (xyu / scale).cpu().numpy(), S * O
 
 
 # ---------------------------------------------------------------------- selectors

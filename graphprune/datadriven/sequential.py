@@ -4,8 +4,16 @@ Groups are processed in the order of their producers. For each group, the inputs
 consumers are sampled from a working copy of the model in which every earlier group is already
 pruned (its channels zeroed, its consumers refitted), while the targets are the ORIGINAL model's
 outputs, so errors do not accumulate. The group's channels are chosen (LASSO / greedy from the
-sampled contributions, or any score criterion), then every consumer is refitted by least squares.
-The result is a plan plus the refitted full-size tensors; ``apply_plan`` slices them.
+sampled contributions, or any score criterion); then every consumer that reads no later group
+(all inputs of a layer after a concat are decided) is refitted by least squares, once. The
+result is a plan plus the refitted full-size tensors; ``apply_plan`` slices them.
+
+Cost: one pass of the original model over the calibration data samples every consumer's target;
+the working copy is then replayed from a cached frontier (``frontier``): values before a group's
+first touched node cannot change when the group is pruned, so each group only re-runs the span
+from there to its last consumer. Models whose graph cannot be replayed (torch.export graphs)
+re-run the working copy from the inputs for every group (``block_cache=False`` forces this).
+Everything runs on the device of the model's parameters (or ``device``); solves in float64.
 """
 
 from __future__ import annotations
@@ -20,17 +28,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from .reconstruct import refit
 from ..calibration import Calibration
-from .collect import Samples, sample_layers, supported
 from ..cost import layer_of
 from ..criteria import Criterion, ScoreContext, get_criterion, score_group
-from .select import GroupStats, consumer_stats
 from ..graph import ChannelGraph, Group
 from ..plan import GroupPlan, Plan
+from .collect import Samples, batch_inputs, sample_layers, supported
+from .frontier import FrontierRunner
+from .reconstruct import refit
+from .select import GroupStats, consumer_stats
 
 MEMORY_BUDGET = 256 << 20  # bytes of sampled activations held at once (documented default)
 ROWS_MAX = 2048  # samples per layer (positions x images)
+REFERENCE_BYTES = 64 << 20  # the original model's outputs are kept for the fidelity up to this
 
 
 @dataclass
@@ -39,6 +49,8 @@ class DataDrivenResult:
     weights: dict[str, torch.Tensor]  # canonical name -> full-size refitted tensor
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-group figures
     timings: dict[str, float] = field(default_factory=dict)
+    # the original model's output on each calibration batch (None if larger than REFERENCE_BYTES)
+    reference: list[Any] | None = None
 
 
 def _consumers(group: Group, mods: dict[str, nn.Module]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -99,8 +111,10 @@ def _intercept_kind(graph: ChannelGraph, path: str, mods: dict[str, nn.Module]) 
     return None
 
 
-def _mask_group(work_params: dict[str, torch.Tensor], group: Group, removed: np.ndarray) -> None:
-    """Zero every parameter slice of the removed units in the working copy."""
+def _mask_group(work_params: dict[str, torch.Tensor], group: Group, removed: np.ndarray,
+                zeroed: dict[str, list[tuple[int, torch.Tensor]]]) -> None:
+    """Zero every parameter slice of the removed units in the working copy (and remember them in
+    ``zeroed``: a later refit of the same tensor must not bring them back)."""
     gone = np.zeros(group.size, dtype=bool)
     gone[removed] = True
     with torch.no_grad():
@@ -108,20 +122,86 @@ def _mask_group(work_params: dict[str, torch.Tensor], group: Group, removed: np.
             sel = gone[m.unit]
             if sel.any():
                 t = work_params[m.param]
-                idx = torch.as_tensor(np.unique(m.index[sel]), dtype=torch.long)
+                idx = torch.as_tensor(np.unique(m.index[sel]), dtype=torch.long, device=t.device)
                 t.index_fill_(m.dim, idx, 0)
+                zeroed.setdefault(m.param, []).append((m.dim, idx))
+
+
+def _touched(graph: ChannelGraph, g: Group, cons: dict[str, Any],
+             mods: dict[str, nn.Module]) -> set[str]:
+    """Canonical names of the tensors whose change by processing ``g`` can change a value in a
+    kept channel: its consumers' weights (inputs zeroed, or refitted), their biases and intercept
+    BatchNorms. Zeroing the removed channels' own slices (producers' rows, their norms) only
+    changes the removed channels, which every consumer ignores from then on; for a value-coupled
+    group it changes the others too, so every member counts."""
+    out = {m.param for m in g.members if m.role == "in" or g.value_coupled}
+    for p in cons:
+        out.update(graph.aliases.get(f"{p}.{k}", f"{p}.{k}") for k in ("weight", "bias"))
+        kind = _intercept_kind(graph, p, mods)
+        if kind is not None and kind.startswith("bn:"):
+            out.add(graph.aliases.get(f"{kind[3:]}.running_mean", f"{kind[3:]}.running_mean"))
+    return out
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model without any."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+class _Collector:
+    """Samples consumers on the working copy: from the cached frontier when the graph can be
+    replayed, else by running the working copy from the inputs."""
+
+    def __init__(self, graph: ChannelGraph, work: nn.Module, calib: Calibration,
+                 device: torch.device, rows: int, block_cache: bool):
+        self.work, self.calib, self.device, self.rows = work, calib, device, rows
+        self.runner = FrontierRunner.build(graph, work, calib, device) if block_cache else None
+
+    def targets(self, paths: list[str], start: int, inputs: bool
+                ) -> tuple[dict[str, Samples], list[Any]]:
+        """Outputs (and with ``inputs`` also inputs) of the untouched working copy, and the
+        model's output for every batch."""
+        if self.runner is not None:
+            try:
+                got = self.runner.collect(paths, start, self.rows, inputs=inputs, outputs=True,
+                                          to_end=True)
+                return got, self.runner.outputs
+            except Exception:  # the graph does not replay on these batches: run the model
+                self.runner = None
+        outs: list[Any] = []
+        got = sample_layers(self.work, self.calib, paths, rows=self.rows, want_inputs=inputs,
+                            want_outputs=True, stop_early=False, device=self.device,
+                            model_outputs=outs)
+        return got, outs
+
+    def inputs(self, paths: list[str], start: int) -> dict[str, Samples]:
+        if self.runner is not None:
+            return self.runner.collect(paths, start, self.rows)
+        return sample_layers(self.work, self.calib, paths, rows=self.rows, want_inputs=True,
+                             want_outputs=False, device=self.device)
+
+    def start(self, touched: set[str]) -> int:
+        return self.runner.first_read(touched) if self.runner is not None else 0
 
 
 def run(graph: ChannelGraph, calib: Calibration, crit: Criterion, amounts: dict[str, int], *,
         reconstruct: bool = True, sequential: bool = True, fallback: str = "l1", seed: int = 0,
         meta: dict[str, Any] | None = None, progress: Callable[[str, int, int], None] | None = None,
-        fixed: Plan | None = None) -> DataDrivenResult:
+        fixed: Plan | None = None, device: torch.device | str | None = None,
+        block_cache: bool = True) -> DataDrivenResult:
     """Choose the channels of every group in ``amounts`` (group -> channels kept) and refit the
-    consumers; with ``fixed``, the channels are the plan's and only the refit happens. See the
-    module docstring."""
+    consumers; with ``fixed``, the channels are the plan's and only the refit happens. The work
+    happens on ``device`` (default: where the model's parameters are); the refitted tensors come
+    back on the model's device. See the module docstring."""
     t0 = time.perf_counter()
     model = graph.model
-    work = copy.deepcopy(model).eval()
+    home = model_device(model)
+    device = home if device is None else torch.device(device)
+    work = copy.deepcopy(model).to(device).eval()
     mods = dict(work.named_modules(remove_duplicate=False))
     wparams = {n: t for n, t in list(work.named_parameters(remove_duplicate=False))
                + list(work.named_buffers(remove_duplicate=False))}
@@ -133,21 +213,23 @@ def run(graph: ChannelGraph, calib: Calibration, crit: Criterion, amounts: dict[
             for g in todo}
     all_paths = sorted({p for c in cons.values() for p in c}, key=lambda p: order.get(p, 0))
     rows = _rows(mods, all_paths)
-    targets = sample_layers(model, calib, all_paths, rows=rows, want_inputs=False,
-                            want_outputs=True, stop_early=True) if all_paths else {}
-    inputs0 = None
-    if not sequential and all_paths:
-        inputs0 = sample_layers(model, calib, all_paths, rows=rows, want_inputs=True,
-                                want_outputs=False)
+    # one solve per consumer: after the last group it reads from (a concat reads several)
+    last_of = {p: g.name for g in todo if not g.value_coupled for p in cons[g.name]}
+    col = _Collector(graph, work, calib, device, rows, block_cache)
+    touched = {g.name: _touched(graph, g, cons[g.name], mods) for g in todo}
+    first = min((col.start(touched[g.name]) for g in todo if cons[g.name]), default=0)
+    targets, outputs = col.targets(all_paths, first, not sequential) if all_paths else ({}, [])
     t1 = time.perf_counter()
     alive = {p: torch.ones(mods[p].weight.shape[1] * (1 if isinstance(mods[p], nn.Linear)
-                                                      else mods[p].groups), dtype=torch.bool)
+                                                      else mods[p].groups), dtype=torch.bool,
+                           device=device)
              for p in all_paths}
     ctx = ScoreContext(params=graph.params, rng=np.random.default_rng(seed), calibration=calib,
                        graph=graph)
     fb = get_criterion(fallback)
     plan_groups: dict[str, GroupPlan] = {}
-    touched: set[str] = set()
+    refitted: set[str] = set()
+    zeroed: dict[str, list[tuple[int, torch.Tensor]]] = {}
     report: dict[str, dict[str, Any]] = {}
     t_sel = t_fit = t_col = 0.0
     for i, g in enumerate(todo):
@@ -160,9 +242,8 @@ def run(graph: ChannelGraph, calib: Calibration, crit: Criterion, amounts: dict[
         ta = time.perf_counter()
         select = crit.kind == "select" and fixed is None
         if c and (select or reconstruct):
-            samples = (sample_layers(work, calib, list(c), rows=rows, want_inputs=True,
-                                     want_outputs=False) if sequential else
-                       {p: inputs0[p] for p in c})
+            samples = (col.inputs(list(c), col.start(touched[g.name])) if sequential else
+                       {p: targets[p] for p in c})
         tb = time.perf_counter()
         if fixed is not None:
             keep = np.asarray(fixed.groups[g.name].keep)
@@ -184,40 +265,59 @@ def run(graph: ChannelGraph, calib: Calibration, crit: Criterion, amounts: dict[
         keep = np.asarray(keep, dtype=np.int64)
         plan_groups[g.name] = GroupPlan(g.size, tuple(int(x) for x in keep))
         removed = np.setdiff1d(np.arange(g.size), keep)
-        _mask_group(wparams, g, removed)
+        _mask_group(wparams, g, removed, zeroed)
         gone_units = np.zeros(g.size, dtype=bool)
         gone_units[removed] = True
         for p, (units, chans) in c.items():
-            alive[p][torch.as_tensor(chans[gone_units[units]], dtype=torch.long)] = False
+            alive[p][torch.as_tensor(chans[gone_units[units]], dtype=torch.long, device=device)] = False
         if reconstruct and not g.value_coupled:
-            errs = []
-            for p in c:
-                m = mods[p]
-                kind = _intercept_kind(graph, p, mods)
-                r = refit(m, samples[p], targets[p].Y, alive[p],
-                          None if kind is None else ("bias" if kind == "bias" else "bn"))
-                with torch.no_grad():
-                    m.weight.copy_(r.weight)
-                    if r.bias is not None:
-                        m.bias.copy_(r.bias)
-                    if r.shift is not None:
-                        bn = mods[kind[3:]]
-                        bn.running_mean.sub_(r.shift)
-                        touched.add(graph.aliases[f"{kind[3:]}.running_mean"])
-                touched.add(graph.aliases[f"{p}.weight"])
-                if m.bias is not None:
-                    touched.add(graph.aliases[f"{p}.bias"])
-                errs.append({"layer": p, "rel_err_removed": r.err_before,
-                             "rel_err_refit": r.err_after, "cos_refit": r.cos_after,
-                             **({"note": r.note} if r.note else {})})
-            info["consumers_refit"] = errs
+            info["consumers_refit"] = [_refit_one(graph, p, mods, samples[p], targets[p].Y,
+                                                  alive[p], wparams, zeroed, refitted)
+                                       for p in c if last_of[p] == g.name]
         td = time.perf_counter()
         t_col, t_sel, t_fit = t_col + tb - ta, t_sel + tc - tb, t_fit + td - tc
         report[g.name] = info
-    weights = {n: wparams[n].detach().clone() for n in touched}
+    weights = {n: wparams[n].detach().to(graph.params[n].device).clone() for n in refitted}
     plan = Plan(groups=plan_groups, meta=dict(meta or {}))
     timings = {"targets": t1 - t0, "collect": t_col, "select": t_sel, "refit": t_fit}
-    return DataDrivenResult(plan, weights, report, timings)
+    small = sum(t.numel() * t.element_size() for y in outputs for t in _flat(y)) <= REFERENCE_BYTES
+    return DataDrivenResult(plan, weights, report, timings, outputs if outputs and small else None)
+
+
+def _flat(y: Any) -> list[torch.Tensor]:
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if isinstance(y, (list, tuple)):
+        return [t for v in y for t in _flat(v)]
+    if isinstance(y, dict):
+        return [t for v in y.values() for t in _flat(v)]
+    return []
+
+
+def _refit_one(graph: ChannelGraph, p: str, mods: dict[str, nn.Module], samples: Samples,
+               target: torch.Tensor, alive: torch.Tensor, wparams: dict[str, torch.Tensor],
+               zeroed: dict[str, list[tuple[int, torch.Tensor]]], refitted: set[str]
+               ) -> dict[str, Any]:
+    """Refit the consumer at ``p`` in the working copy; returns its report entry."""
+    m = mods[p]
+    kind = _intercept_kind(graph, p, mods)
+    r = refit(m, samples, target, alive, None if kind is None else ("bias" if kind == "bias"
+                                                                     else "bn"))
+    names = [graph.aliases[f"{p}.weight"]]
+    with torch.no_grad():
+        m.weight.copy_(r.weight)
+        if r.bias is not None:
+            m.bias.copy_(r.bias)
+            names.append(graph.aliases[f"{p}.bias"])
+        if r.shift is not None:
+            mods[kind[3:]].running_mean.sub_(r.shift)
+            names.append(graph.aliases[f"{kind[3:]}.running_mean"])
+        for n in names:  # slices removed with earlier groups stay removed
+            for dim, idx in zeroed.get(n, ()):
+                wparams[n].index_fill_(dim, idx, 0)
+    refitted.update(names)
+    return {"layer": p, "rel_err_removed": r.err_before, "rel_err_refit": r.err_after,
+            "cos_refit": r.cos_after, **({"note": r.note} if r.note else {})}
 
 
 def _rows(mods: dict[str, nn.Module], paths: list[str]) -> int:
@@ -248,15 +348,22 @@ def _stats(g: Group, cons: dict[str, tuple[np.ndarray, np.ndarray]], samples: di
     return GroupStats(G, xy, rows)
 
 
-def output_fidelity(a: nn.Module, b: nn.Module, calib: Calibration) -> dict[str, float]:
-    """Relative error and cosine of ``b``'s outputs vs ``a``'s on the calibration batches."""
+def output_fidelity(a: nn.Module, b: nn.Module, calib: Calibration,
+                    reference: list[Any] | None = None) -> dict[str, float]:
+    """Relative error and cosine of ``b``'s outputs vs ``a``'s on the calibration batches
+    (``reference``: ``a``'s outputs per batch, if already known; each model runs on its own
+    device)."""
     num = den = dot = na = nb = 0.0
+    da, db = model_device(a), model_device(b)
+
+    def first(y: Any) -> torch.Tensor:
+        return y[0] if isinstance(y, (tuple, list)) else y
+
     with torch.no_grad():
-        for xs, _ in calib:
-            ya, yb = a(*xs), b(*xs)
-            ya = ya[0] if isinstance(ya, (tuple, list)) else ya
-            yb = yb[0] if isinstance(yb, (tuple, list)) else yb
-            ya, yb = ya.double().flatten(), yb.double().flatten()
+        for i, (xs, _) in enumerate(calib):
+            ya = reference[i] if reference is not None else a(*batch_inputs(xs, da))
+            yb = b(*batch_inputs(xs, db))
+            ya, yb = first(ya).double().flatten().cpu(), first(yb).double().flatten().cpu()
             num += float(((ya - yb) ** 2).sum())
             den += float((ya * ya).sum())
             dot += float((ya * yb).sum())
@@ -266,4 +373,4 @@ def output_fidelity(a: nn.Module, b: nn.Module, calib: Calibration) -> dict[str,
             "cosine": dot / ((na * nb) ** 0.5) if na and nb else 1.0}
 
 
-__all__ = ["DataDrivenResult", "output_fidelity", "run"]
+__all__ = ["DataDrivenResult", "model_device", "output_fidelity", "run"]

@@ -251,6 +251,8 @@ def pretrained_lm(spec: LMSpec | None = None, cache_dir: str | os.PathLike | Non
             if log:
                 log(f"loaded the trained language model from {path}")
             return lm
+        except ImportError:  # a missing or shadowed package is not a broken cache entry
+            raise
         except Exception as e:  # a broken cache entry: train again
             if log:
                 log(f"ignoring the broken cached model in {path} ({type(e).__name__}: {e})")

@@ -1,6 +1,6 @@
 """Importing this module registers every built-in rule."""
 
 from . import (  # noqa: F401
-    aten, einsum, functional_layers, hf_layers, matmul, nn_attention, nn_modules, recurrent,
-    torch_ops, tv_layers,
+    aten, detection, einsum, functional_layers, hf_layers, matmul, nn_attention, nn_modules, recurrent,
+    torch_ops, tv_layers, ultralytics_layers,
 )

@@ -183,3 +183,177 @@ def test_attention_heads_chosen_by_lasso_with_reconstruction_beat_magnitude():
     assert lasso.model.blocks[1].attn.num_heads == 2
     assert lasso.report.fidelity["groups"]["blocks.0.attn.qkv"]["method"] == "lasso"
     assert evaluate(lasso.model, xte, yte) > evaluate(l1.model, xte, yte) + 0.03
+
+
+# ---------------------------------------------------------------------- cost and equivalence
+class _Mixed(torch.nn.Module):
+    """A residual block with in-place ReLUs and an in-place add, a depthwise conv, a concat and a
+    Linear head: every kind of consumer the frontier runner samples."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.a1 = nn.Conv2d(16, 12, 1, bias=False)
+        self.bna = nn.BatchNorm2d(12)
+        self.a2 = nn.Conv2d(12, 16, 3, padding=1, bias=False)
+        self.bnb = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.b = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = self.relu(self.bn0(self.stem(x)))
+        y = self.bnb(self.a2(self.relu(self.bna(self.a1(x)))))
+        y += x
+        s = self.relu(y)
+        z = torch.cat([self.b(s), torch.relu(self.dw(s))], 1)
+        return self.fc(z.mean((2, 3)))
+
+
+def _layer_calls(model):
+    """Counts every Conv/Linear call (of the model and of its copies, which share the hooks)."""
+    count = {"n": 0}
+
+    def hook(*_):
+        count["n"] += 1
+
+    n_layers = 0
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.register_forward_hook(hook)
+            n_layers += 1
+    return count, n_layers
+
+
+def _run_both(model, x, method, batch_size=16):
+    from graphprune.budget import uniform_amounts
+    from graphprune.calibration import as_calibration
+    from graphprune.criteria import get_criterion
+    from graphprune.datadriven import sequential as seq
+
+    g = gp.trace(model, x[:1])
+    calib = as_calibration(x, x[:1], batch_size=batch_size)
+    amounts = uniform_amounts(g, 0.5, None, (), 1)
+    return [seq.run(g, calib, get_criterion(method), amounts, reconstruct=True, block_cache=bc,
+                    device="cpu") for bc in (True, False)]
+
+
+@pytest.mark.parametrize("method", ["lasso", "greedy"])
+def test_block_cached_run_matches_the_straightforward_one(method):
+    from ..conftest import healthy_init
+
+    torch.manual_seed(0)
+    for model, x in ((healthy_init(_Mixed()).eval(), torch.randn(40, 3, 10, 10)),
+                     (healthy_init(resnet20()).eval(), torch.randn(24, 3, 16, 16))):
+        cached, plain = _run_both(model, x, method)
+        assert cached.plan.groups == plain.plan.groups
+        assert set(cached.weights) == set(plain.weights) and cached.weights
+        for k, w in plain.weights.items():
+            assert torch.allclose(cached.weights[k], w, rtol=1e-5, atol=1e-6 * float(w.abs().max())), k
+        assert cached.groups == plain.groups  # same per-consumer errors
+
+
+def test_data_driven_prune_costs_a_few_passes_over_the_calibration_data():
+    """resnet20 (10 groups, each stage's residual stream spanning the stage), lasso with
+    reconstruction: the targets, the frontier moving once through the model and each group's
+    span add up to less than 4 dense passes; re-running the model for every group costs more
+    than 6."""
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    x = torch.randn(24, 3, 16, 16)
+    count, n_layers = _layer_calls(model)
+    passes = []
+    for block_cache in (True, False):
+        from graphprune.budget import uniform_amounts
+        from graphprune.calibration import as_calibration
+        from graphprune.criteria import get_criterion
+        from graphprune.datadriven import sequential as seq
+
+        g = gp.trace(model, x[:1])
+        calib = as_calibration(x, x[:1], batch_size=8)
+        amounts = uniform_amounts(g, 0.5, None, (), 1)
+        count["n"] = 0
+        seq.run(g, calib, get_criterion("lasso"), amounts, block_cache=block_cache)
+        passes.append(count["n"] / (n_layers * len(calib)))
+    assert passes[0] <= 4.0, passes
+    assert passes[1] > 6.0, passes
+
+
+def test_frontier_never_changes_a_cached_value():
+    """An in-place write through a view into a value held in the frontier: every collection from
+    that frontier sees the original value, and the view's write reaches its base."""
+    from graphprune.calibration import as_calibration
+    from graphprune.datadriven.collect import sample_layers
+    from graphprune.datadriven.frontier import FrontierRunner
+
+    class ViewWrite(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 8, 1)
+            self.c2 = torch.nn.Conv2d(8, 8, 1)
+            self.c3 = torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            a = self.c1(x)
+            v = a[:, :4]
+            b = self.c2(a)
+            v.mul_(2)
+            return self.c3(torch.relu(a) + b)
+
+    torch.manual_seed(0)
+    model = ViewWrite().eval()
+    x = torch.randn(12, 3, 6, 6)
+    g = gp.trace(model, x[:1])
+    calib = as_calibration(x, x[:1], batch_size=4)
+    want = sample_layers(model, calib, ["c3"], rows=100, want_inputs=True, want_outputs=True)
+    runner = FrontierRunner.build(g, model, calib, None)
+    at_c2 = runner.first_read({"c2.weight"})
+    for _ in range(3):
+        got = runner.collect(["c3"], at_c2, 100, inputs=True, outputs=True)
+        assert runner.pos == at_c2
+        assert torch.equal(got["c3"].P, want["c3"].P) and torch.equal(got["c3"].Y, want["c3"].Y)
+    # a frontier over the memory budget is dropped: the next run starts from the inputs
+    small = FrontierRunner(g, model, calib, None, max_bytes=0)
+    for _ in range(2):
+        got = small.collect(["c3"], at_c2, 100, inputs=True, outputs=True)
+        assert small.pos == 0 and torch.equal(got["c3"].P, want["c3"].P)
+
+
+def test_selection_gram_equals_the_explicit_contributions():
+    """G[u, v] = <Z_u, Z_v> and xy[u] = <Z_u, t> with Z formed explicitly, for a dense conv, a
+    grouped conv, a depthwise conv and a Linear."""
+    from graphprune.datadriven.collect import Samples
+    from graphprune.datadriven.select import consumer_stats
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    for m in (nn.Conv2d(12, 10, 3), nn.Conv2d(12, 24, 3, groups=4), nn.Conv2d(12, 12, 3, groups=12),
+              nn.Linear(12, 7)):
+        K = 1 if isinstance(m, nn.Linear) else 9
+        P = torch.randn(50, 12, K, dtype=torch.float64)
+        Y = torch.randn(50, m.weight.shape[0], dtype=torch.float64)
+        chans, units = np.array([0, 2, 3, 5, 7]), np.array([0, 1, 1, 2, 3])
+        alive = torch.ones(12, dtype=torch.bool)
+        alive[1] = False
+        G, xy, _ = consumer_stats(m, Samples(P.float()), Y.float(), units, chans, 4, alive)
+        # explicit: the block-diagonal full weight, each channel's contribution to every output
+        w = m.weight.detach().double().reshape(m.weight.shape[0], -1, K)
+        groups = 1 if isinstance(m, nn.Linear) else m.groups
+        full = torch.zeros(w.shape[0], 12, K, dtype=torch.float64)
+        o, i = w.shape[0] // groups, 12 // groups
+        for q in range(groups):
+            full[q * o:(q + 1) * o, q * i:(q + 1) * i] = w[q * o:(q + 1) * o]
+        Z = torch.einsum("sck,ock->cso", P, full)  # (C, S, O)
+        Zu = torch.zeros(4, *Z.shape[1:], dtype=torch.float64).index_add_(
+            0, torch.as_tensor(units), Z[chans])
+        other = alive.clone()
+        other[chans] = False
+        bias = m.bias.detach().double()
+        t = Y - Z[other].sum(0) - bias
+        want_G = torch.einsum("uso,vso->uv", Zu, Zu) / (t * t).sum()
+        want_xy = torch.einsum("uso,so->u", Zu, t) / (t * t).sum()
+        assert np.allclose(G, want_G.numpy(), rtol=1e-4, atol=1e-6 * np.abs(G).max())
+        assert np.allclose(xy, want_xy.numpy(), rtol=1e-4, atol=1e-6 * np.abs(xy).max())

@@ -6,7 +6,7 @@ attention's query projection before -> after (heads removed or not), whether the
 equals its masked original on the channels that are independent in value, and seconds. Torch-
 Pruning 1.6 runs the same model in a subprocess with a time limit (it hangs on some).
 
-    python bench/transformers.py [--timeout 300] [--only llama,t5]
+    python bench/hf_models.py [--timeout 300] [--only llama,t5]
 """
 
 from __future__ import annotations
@@ -106,8 +106,12 @@ def run_torch_pruning(kind: str) -> dict:
     t = time.perf_counter()
     with torch.no_grad():
         ref = _call(m, x)
+    if "use_cache" in __import__("inspect").signature(m.forward).parameters:
+        x = {**x, "use_cache": False}  # the same capture setting graphprune uses
     pruner = tp.pruner.MetaPruner(m, x, importance=tp.importance.MagnitudeImportance(p=1),
-                                  pruning_ratio=0.5, ignored_layers=ignored)
+                                  pruning_ratio=0.5, ignored_layers=ignored,
+                                  output_transform=lambda o: o.logits if hasattr(o, "logits")
+                                  else o)
     p0 = sum(p.numel() for p in m.parameters())
     pruner.step()
     secs = time.perf_counter() - t
@@ -140,6 +144,9 @@ def main() -> None:
     torch.set_num_threads(2)
     if a.worker:
         tool, kind = a.worker
+        import resource  # a tool that runs away with memory fails alone, not the machine
+
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
         res = run_graphprune(kind) if tool == "graphprune" else run_torch_pruning(kind)
         print(json.dumps(res, default=float))
         return

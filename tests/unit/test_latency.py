@@ -1,0 +1,243 @@
+"""Latency-aware pruning: the kernel model, the allocation, the table file, and (timed, on one
+small net, ratios of interleaved medians) predictions and targets against onnxruntime itself."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import graphprune as gp
+from graphprune.errors import ConfigError
+from graphprune.latency import (
+    LatencyTable, LatencyTableError, build_table, kept_importance, latency_amounts,
+    latency_report, recommend_round_to, speed_warning,
+)
+from graphprune.latency.build import design, uniform_widths
+from graphprune.latency.measure import Kernel, export_variant, time_variants
+from graphprune.latency.model import KernelModel, Predictor, attribute, fit_kernels
+from graphprune.latency.table import Sample
+
+
+def _block(i, o, s=1):
+    return nn.Sequential(nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(_block(3, 32, 2), _block(32, 64), _block(64, 128, 2), _block(128, 128),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
+
+
+X64 = torch.randn(1, 3, 64, 64)
+
+
+def l1(g):
+    ctx = gp.criteria.ScoreContext(params=g.params, rng=np.random.default_rng(0), graph=g)
+    return {grp.name: gp.criteria.score_group(gp.criteria.get_criterion("l1"), grp, ctx)
+            for grp in g.prunable_groups}
+
+
+# ---------------------------------------------------------------------- the kernel model
+def _runs(widths, sizes, fn, concat=False):
+    """Synthetic profiles: a conv A->B and a depthwise-like kernel on B, timed by ``fn``."""
+    out = []
+    for w in widths:
+        a, b = w.get("A", sizes["A"]), w.get("B", sizes["B"])
+        ks = {"conv": Kernel("Conv", ((1, a, 8, 8), (b, a, 3, 3)), ((1, b, 8, 8),), fn(a, b), fn(a, b)),
+              "dw": Kernel("Conv", ((1, b, 8, 8), (b, 1, 3, 3)), ((1, -(-b // 16) * 16, 8, 8),),
+                           0.01 * b, 0.01 * b),
+              "pool": Kernel("GlobalAveragePool", ((1, 7, 8, 8),), ((1, 7, 1, 1),), 0.3, 0.3)}
+        if concat:
+            ks["cat"] = Kernel("Concat", ((1, a + b, 8, 8),), ((1, a + b, 8, 8),), 0.1, 0.1)
+        out.append(ks)
+    return out
+
+
+def test_kernels_are_tied_to_the_groups_that_set_their_shapes():
+    sizes = {"A": 64, "B": 128}
+    widths = [{}] + design(sizes, 5, 16, 0.2, 16, np.random.default_rng(0))
+    groups, unmatched = attribute(_runs(widths, sizes, lambda a, b: a * b * 1e-4, concat=True),
+                                  widths, sizes, 16)
+    assert groups["conv"] == ("A", "B")
+    assert groups["dw"] == ("B",)  # its padded output follows B padded to the block
+    assert groups["pool"] == ()
+    assert unmatched == ["cat"]  # a + b follows no single group
+
+
+def test_fitted_kernels_predict_unseen_widths():
+    sizes = {"A": 64, "B": 128}
+    widths = [{}] + design(sizes, 6, 16, 0.2, 16, np.random.default_rng(1))
+    t = lambda a, b: 0.02 + 1e-4 * a * b + 1e-3 * a  # noqa: E731
+    models, _ = fit_kernels(_runs(widths, sizes, t), widths, sizes, 16)
+    p = Predictor(models, sizes, 16)
+    for a, b in [(16, 32), (48, 128), (64, 64)]:
+        want = t(a, b) + 0.01 * b + 0.3
+        assert p.total({"A": a, "B": b}) == pytest.approx(want, rel=1e-6)
+    # inside an NCHWc block the predicted cost does not change: a step curve
+    assert p.total({"A": 64, "B": 113}) == pytest.approx(p.total({"A": 64, "B": 128}))
+
+
+def test_design_widths_identify_every_group():
+    sizes = {"a": 64, "b": 64, "c": 64, "d": 32, "e": 24}
+    ws = design(sizes, 6, 16, 0.2, 16, np.random.default_rng(0))
+    seqs = {g: tuple(w.get(g, s) for w in ws) for g, s in sizes.items()}
+    assert len(set(seqs.values())) == len(seqs)
+    assert all(v % 16 == 0 or v == sizes[g] for w in ws for g, v in w.items())
+
+
+# ---------------------------------------------------------------------- allocation
+def _synthetic_table(g, round_to=16):
+    """Early, high-resolution layers expensive per channel; late ones cheap."""
+    names = [grp.name for grp in g.prunable_groups]
+    sizes = {grp.name: grp.size for grp in g.prunable_groups}
+    kernels = [KernelModel("k0", "Conv", (names[0],), (0.0, 1.0), 1.0)]
+    for i, (a, b) in enumerate(zip(names, names[1:])):
+        kernels.append(KernelModel(f"k{i + 1}", "Conv", (a, b), (0.0, 0.0, 0.0, 1.0 / (i + 1)), 1.0))
+    kernels.append(KernelModel("fc", "Gemm", (names[-1],), (0.05, 0.05), 0.1))
+    samples = [Sample("design", {}, {"median": 3.0}),
+               Sample("uniform", {names[0]: 31}, {"median": 3.6}, 0.1, 1),
+               Sample("uniform", {names[0]: 16}, {"median": 2.4}, 0.5, round_to)]
+    return LatencyTable(key={"model": {"class": "Sequential"}, "machine": {"threads": 2}},
+                        dense_ms=3.0, block=16, alpha=0.0, beta=1.0, sizes=sizes,
+                        kernels=tuple(kernels), samples=tuple(samples), round_to=round_to)
+
+
+def test_allocation_meets_the_predicted_budget_on_rounded_widths():
+    g = gp.trace(small_net(), X64)
+    table = _synthetic_table(g)
+    scores = l1(g)
+    for target in (0.8, 0.5, 0.3):
+        a = latency_amounts(g, scores, target, table)
+        assert table.predict_ratio(a) <= target + 1e-9
+        assert table.predict_ratio(a) > target - 0.15  # channels given back where they fit
+        assert all(w % 16 == 0 for w in a.values())
+    # any rounding: inside an NCHWc block a cut saves nothing, so only block edges are chosen
+    a1 = latency_amounts(g, scores, 0.5, table, round_to=1)
+    assert table.predict_ratio(a1) <= 0.5 + 1e-9 and all(w % 16 == 0 for w in a1.values())
+    # the first group costs most per channel: it is cut hardest, the last least
+    a = latency_amounts(g, scores, 0.5, table)
+    frac = [a[grp.name] / grp.size for grp in g.prunable_groups]
+    assert frac[0] < frac[-1]
+
+
+def test_allocation_keeps_more_importance_than_uniform_at_the_same_prediction():
+    g = gp.trace(small_net(), X64)
+    table = _synthetic_table(g)
+    scores = l1(g)
+    sizes = {grp.name: grp.size for grp in g.prunable_groups}
+    u = uniform_widths(sizes, 0.5, 16)
+    a = latency_amounts(g, scores, table.predict_ratio(u), table)
+    assert table.predict_ratio(a) <= table.predict_ratio(u) + 1e-9
+    assert kept_importance(scores, a) >= kept_importance(scores, u)
+
+
+def test_allocation_errors():
+    g = gp.trace(small_net(), X64)
+    table = _synthetic_table(g)
+    with pytest.raises(ConfigError) as e:
+        latency_amounts(g, l1(g), 1.5, table)
+    assert str(e.value) == ("The 'target_latency' parameter of latency_amounts must be a float in "
+                            "(0, 1]. Got 1.5 instead.")
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        latency_amounts(g, l1(g), 0.01, table)
+    other = gp.trace(nn.Sequential(_block(3, 48), nn.Conv2d(48, 8, 1)).eval(), X64)
+    with pytest.raises(LatencyTableError, match="another model"):
+        latency_amounts(other, l1(other), 0.5, table)
+
+
+def test_rounding_and_warning_follow_the_measured_steps():
+    assert recommend_round_to([1.3, 0.95, 0.8, 0.7], [1, 1, 16, 16], 16) == 16
+    assert recommend_round_to([0.9, 0.8, 0.9, 0.8], [1, 1, 16, 16], 16) == 1
+    assert recommend_round_to([1.3, 1.1], [1, 16], 8) == 16  # none safe: least slow
+    g = gp.trace(small_net(), X64)
+    table = _synthetic_table(g)
+    first = g.prunable_groups[0].name
+    msg = speed_warning(table, {first: 27})
+    assert "1.20x the dense latency" in msg and "multiples of 16" in msg
+    assert speed_warning(table, {first: 16}) is None
+
+
+# ---------------------------------------------------------------------- the file
+def test_table_round_trips_and_refuses_bad_files(tmp_path):
+    g = gp.trace(small_net(), X64)
+    table = _synthetic_table(g)
+    p = tmp_path / "t.json"
+    table.save(p)
+    back = LatencyTable.load(p)
+    assert back == table and back.to_json() == table.to_json()
+    assert back.predict_ms({g.prunable_groups[1].name: 32}) == table.predict_ms(
+        {g.prunable_groups[1].name: 32})
+    d = json.loads(p.read_text())
+    d["version"] = 99
+    (tmp_path / "v.json").write_text(json.dumps(d))
+    with pytest.raises(LatencyTableError, match="version 99"):
+        LatencyTable.load(tmp_path / "v.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(LatencyTableError, match="not valid JSON"):
+        LatencyTable.load(tmp_path / "bad.json")
+    with pytest.raises(LatencyTableError, match="cannot read"):
+        LatencyTable.load(tmp_path / "missing.json")
+
+
+def test_plot_writes_the_step_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    g = gp.trace(small_net(), X64)
+    _synthetic_table(g).plot(tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------- onnxruntime itself
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """One table of the small net on this machine (a few seconds of exports and timing)."""
+    model = small_net()
+    g = gp.trace(model, X64)
+    cache = tmp_path_factory.mktemp("latency")
+    table = build_table(model, X64, g, threads=2, samples=8, rounds=20, sparsities=(0.2, 0.4),
+                        cache=cache)
+    return model, g, table, cache
+
+
+def measured_ratios(g, table, plans, tmp_path, repeats=3):
+    """Latency / dense of each plan on the table's clock: the median of ``repeats`` interleaved
+    runs of the dense model and every plan together."""
+    paths = [export_variant(g, w, X64, str(tmp_path / f"v{i}.onnx")) for i, w in enumerate([{}] + plans)]
+    runs = []
+    for _ in range(repeats):
+        ts = time_variants(paths, X64, threads=2, rounds=30)
+        runs.append([t.ms(table.clock) / ts[0].ms(table.clock) for t in ts[1:]])
+    return np.median(np.array(runs), axis=0)
+
+
+def test_built_table_is_cached_per_model_and_machine(measured):
+    model, g, table, cache = measured
+    again = build_table(model, X64, g, threads=2, samples=8, rounds=20, sparsities=(0.2, 0.4),
+                        cache=cache)
+    assert again == table  # read back, not measured again
+    assert table.key["machine"]["threads"] == 2 and table.key["model"]["class"] == "Sequential"
+    assert set(table.sizes) == {grp.name for grp in g.prunable_groups}
+    assert not table.unmatched and all(k.groups for k in table.kernels if k.op == "Conv")
+
+
+def test_prediction_of_pruned_nets_within_15_percent_of_measured(measured, tmp_path):
+    _, g, table, _ = measured
+    plans = [uniform_widths(dict(table.sizes), 0.5, table.round_to),
+             latency_amounts(g, l1(g), 0.6, table)]
+    predicted = [table.predict_ratio(w) for w in plans]
+    got = measured_ratios(g, table, plans, tmp_path)
+    assert max(predicted) < 0.8  # the plans really are faster: the check means something
+    for p, m in zip(predicted, got):
+        assert abs(p / m - 1) < 0.15, (table.clock, predicted, got)
+
+
+def test_latency_target_is_met(measured, tmp_path):
+    _, g, table, _ = measured
+    amounts = latency_amounts(g, l1(g), 0.5, table)
+    (got,) = measured_ratios(g, table, [amounts], tmp_path)
+    assert math.isclose(got, 0.5, rel_tol=0.15), (table.clock, got)
+    rep = latency_report(g, amounts, table, target=0.5, measure=False)
+    assert rep.params[1] < rep.params[0] and rep.macs[1] < rep.macs[0]
+    assert rep.predicted_ratio <= 0.5 + 1e-9 and rep.measured_ratio is None
