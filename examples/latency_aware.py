@@ -3,8 +3,9 @@ keeping the channels that cost least latency per unit of l1 importance, and comp
 uniform pruning.
 
 The first run measures the model (a latency table: a few minutes), later runs read it from
-out/latency/. Prints the table, the plan's predicted and measured latency, MACs and parameters,
-and writes the step curves to out/latency/mobilenet_v2.png when matplotlib is installed.
+out/latency/ (``prune(..., latency_table=OUT)`` reads it there). Prints the table, the pruned
+model's predicted and measured latency, MACs and parameters, and writes the step curves to
+out/latency/mobilenet_v2.png when matplotlib is installed.
 
     python examples/latency_aware.py
 """
@@ -20,10 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import graphprune as gp  # noqa: E402
 from graphprune.criteria import ScoreContext, get_criterion, score_group  # noqa: E402
-from graphprune.latency import (  # noqa: E402
-    LatencyTable, kept_importance, latency_amounts, latency_report, speed_warning,
-)
-from graphprune.plan import keep_count, plan_from_scores  # noqa: E402
+from graphprune.latency import LatencyTable, kept_importance  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "out", "latency")
 torch.manual_seed(0)
@@ -41,18 +39,19 @@ try:
 except gp.ConfigError as e:
     print(e)
 
-# 2. allocate: channels per group for half the latency, most l1 importance kept
+# 2. prune to half the latency: channels allocated on the table (most l1 importance per
+#    millisecond, on the widths where latency steps), then timed against the dense model
+r = gp.prune(model, x, target_latency=0.5, latency_table=OUT, method="l1")
+print(r.latency)
 ctx = ScoreContext(params=g.params, rng=np.random.default_rng(0), graph=g)
 scores = {grp.name: score_group(get_criterion("l1"), grp, ctx) for grp in g.prunable_groups}
-amounts = latency_amounts(g, scores, 0.5, table)
-plan = plan_from_scores(g, scores, amounts, {"method": "l1", "target_latency": 0.5})
-pruned = gp.apply_plan(g, plan).model
+kept = {n: len(gp_.keep) for n, gp_ in r.plan.groups.items()}
+print(f"l1 importance kept: {kept_importance(scores, kept):.3f}")
 
-# 3. check: the pruned model timed against the dense one, in the same interleaved run
-report = latency_report(g, amounts, table, target=0.5, model=pruned, example_inputs=x)
-print(report)
-print(f"l1 importance kept: {kept_importance(scores, amounts):.3f}")
-
-# uniform pruning with round_to=1 crosses no latency step, and can be slower than dense
-uniform = {grp.name: keep_count(grp.size, 0.2, 1) for grp in g.prunable_groups}
-print("uniform 20%, round_to=1:", speed_warning(table, uniform))
+# 3. uniform pruning with round_to=1 crosses no latency step, and can be slower than dense: the
+#    table says so; round_to="auto" keeps the channel counts it measured fast
+small = gp.prune(model, x, sparsity=0.2, latency_table=OUT)
+print("uniform 20%, round_to=1:", small.latency.warning)
+safe = gp.prune(model, x, sparsity=0.2, round_to="auto", latency_table=OUT)
+print(f"uniform 20%, round_to='auto' ({safe.plan.meta['round_to']}): predicted "
+      f"{safe.latency.predicted_ratio:.3f} of dense")

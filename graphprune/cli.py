@@ -188,7 +188,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             def progress(group: str, i: int, n: int) -> None:
                 if "id" not in task:
                     task["id"] = bar.add_task("reconstructing", total=n)
-                bar.update(task["id"], completed=i, description=f"reconstructing {group}")
+                what = group if group.startswith("latency") else f"reconstructing {group}"
+                bar.update(task["id"], completed=i, total=n, description=what)
 
             report = run(recipe, args.out, log=lambda m: con.print(f"[dim]{m}[/]"),
                          progress=progress)
@@ -207,7 +208,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for row in table_rows(report):
         t.add_row(*row)
     con.print(t)
-    files = sorted(f for f in os.listdir(args.out) if not f.startswith("."))
+    files = report.get("files") or sorted(f for f in os.listdir(args.out) if not f.startswith("."))
     con.print(f"wrote {os.path.abspath(args.out)}/: {', '.join(files)}")
     return 0
 
@@ -299,6 +300,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .specs import parse_shape
 
+    if args.latency_table is not None:
+        return _latency_table(args)
+    if args.onnx is None:
+        raise ConfigError("give an ONNX file to time, or --latency-table with --model to measure "
+                          "how the model's latency depends on its channels.")
     sess = Session(args.onnx, threads=args.threads)
     if args.input:
         xs = [_load_input(p) for p in args.input]
@@ -322,6 +328,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"{args.onnx}: median {res['p50']:.3f} ms, p90 {res['p90']:.3f} ms, p99 "
             f"{res['p99']:.3f} ms, min {res['min']:.3f} ms over {res['runs']} runs "
             f"({args.threads or 'default'} threads)")
+    return 0
+
+
+def _latency_table(args: argparse.Namespace) -> int:
+    """``bench --latency-table``: measure (or read) the model's latency table and print it."""
+    from .errors import ConfigError
+    from .latency import build_table
+    from .latency.target import default_cache
+
+    if args.onnx is not None:
+        raise ConfigError("--latency-table measures the model given by --model (exported in many "
+                          f"widths), not an ONNX file: drop '{args.onnx}'.")
+    model, x = _model_and_input(args)
+    model.eval()
+    con = _console(args.quiet or args.json)
+    path = args.latency_table or default_cache()
+    with con.status("measuring the latency table (minutes the first time)") as st:
+        table = build_table(model, x, threads=args.threads or 2, cache=path,
+                            stale="raise" if path.endswith(".json") else "measure",
+                            progress=lambda what, i, n: st.update(f"latency table: {what} {i + 1}/{n}"))
+    if args.plot:
+        table.plot(args.plot)
+    if args.json:
+        print(json.dumps(table.to_dict(), indent=1))
+    else:
+        con.print(table.summary(max_rows=args.max_rows), markup=False)
+        con.print(f"table in {path}" + (f"; step curves in {args.plot}" if args.plot else ""))
     return 0
 
 
@@ -463,11 +496,20 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--input", action="append", help=".npy input (default: random of --input-shape)")
     pc.set_defaults(fn=cmd_check)
 
-    pb = sub.add_parser("bench", help="latency percentiles of an ONNX model in onnxruntime")
-    pb.add_argument("onnx")
+    pb = sub.add_parser("bench", help="latency percentiles of an ONNX model in onnxruntime; "
+                        "with --latency-table, a model's latency as a function of its channels")
+    pb.add_argument("onnx", nargs="?", help="the ONNX model to time")
     pb.add_argument("--input", action="append", help=".npy input (default: random)")
     pb.add_argument("--input-shape", help="shape of a random input, e.g. 1,3,224,224")
     pb.add_argument("--threads", type=int, default=None)
+    pb.add_argument("--latency-table", nargs="?", const="", default=None, metavar="PATH",
+                    help="measure (or read from PATH: a .json file or a folder; default "
+                         "~/.cache/graphprune/latency) the latency table of --model and print it")
+    pb.add_argument("--model", default=DEFAULT_MODEL,
+                    help="with --latency-table: SPEC as for prune (default: %(default)s)")
+    pb.add_argument("--weights", help="with --latency-table: weights to load")
+    pb.add_argument("--plot", metavar="PNG", help="with --latency-table: draw the step curves")
+    pb.add_argument("--max-rows", type=int, default=40, help="groups shown (default %(default)s)")
     pb.add_argument("--runs", type=int, default=100)
     pb.add_argument("--warmup", type=int, default=10)
     _output_flags(pb)

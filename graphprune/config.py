@@ -13,6 +13,7 @@ shape: "The 'sparsity' parameter of prune must be a float in [0, 1). Got 1.5 ins
 from __future__ import annotations
 
 import argparse
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -20,7 +21,9 @@ from typing import Any
 from ._validate import check_choice, check_fraction, check_int
 from .errors import ConfigError, did_you_mean
 
-TRACERS = ("auto", "fx", "export")
+TRACERS = ("auto", "fx", "export", "regions")  # capture.TRACERS (kept import-free here)
+TARGETS = ("target_macs", "target_params", "target_latency")
+DEVICES = "'cpu', 'cuda', 'cuda:N' or 'auto'"
 
 
 def _opt(help: str, *, cli: str | None = "", choices: Callable[[], Any] | tuple | None = None,
@@ -28,6 +31,16 @@ def _opt(help: str, *, cli: str | None = "", choices: Callable[[], Any] | tuple 
     """Field metadata: the help text and how the field appears on the command line
     (``cli=None``: not an option; ``""``: ``--field-name``)."""
     return {"help": help, "cli": cli, "choices": choices, **extra}
+
+
+def _round_to_arg(text: str) -> int | str:
+    """``--round-to``: an int, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
 
 
 def _criteria() -> list[str]:
@@ -40,8 +53,10 @@ def _criteria() -> list[str]:
 class PruneConfig:
     """How to prune: what to remove, how much, how to choose and refit, how to capture and check.
 
-    Give ``sparsity`` *or* one target (``target_macs``, ``target_params``); with neither, 50% of
-    every prunable group's channels go.
+    Give ``sparsity`` *or* one target (``target_macs``, ``target_params``, ``target_latency``);
+    with neither, 50% of every prunable group's channels go. ``target_latency`` keeps a fraction
+    of the model's onnxruntime CPU latency measured on this machine (a latency table: minutes to
+    measure once, then read from ``latency_table``); see ``graphprune.latency``.
 
     Raises:
         ConfigError: a bad value, with the parameter named and the accepted values.
@@ -50,6 +65,7 @@ class PruneConfig:
     Example:
         >>> cfg = PruneConfig(method="lasso", reconstruct=True, target_macs=0.5)
         >>> graphprune.prune(model, x, cfg, calibration=images)
+        >>> graphprune.prune(model, x, target_latency=0.5, latency_table="out/latency")
     """
 
     method: str = field(default="l1", metadata=_opt(
@@ -62,8 +78,23 @@ class PruneConfig:
         "keep this fraction of the MACs (the sparsity is searched for)", type=float))
     target_params: float | None = field(default=None, metadata=_opt(
         "keep this fraction of the parameters (the sparsity is searched for)", type=float))
-    round_to: int = field(default=1, metadata=_opt(
-        "keep channel counts a multiple of this", type=int))
+    target_latency: float | None = field(default=None, metadata=_opt(
+        "keep this fraction of the model's onnxruntime CPU latency on this machine (measured once "
+        "into a latency table; channels go where they cost most latency per unit of importance)",
+        type=float))
+    latency_table: str | None = field(default=None, metadata=_opt(
+        "latency table: a .json file or a folder where measurements are read from, or stored "
+        "after measuring (default: ~/.cache/graphprune/latency); also sets round_to='auto'",
+        metavar="PATH"))
+    latency_threads: int = field(default=2, metadata=_opt(
+        "onnxruntime threads the latency is measured with (as deployed)", type=int))
+    latency_rounds: int = field(default=20, metadata=_opt(
+        "with target_latency: interleaved rounds timing the pruned model against the dense one "
+        "(0: predicted latency only, no timing)", type=int))
+    round_to: int | str = field(default=1, metadata=_opt(
+        "keep channel counts a multiple of this; 'auto': the rounding measured fast in "
+        "onnxruntime (the latency table's, else this CPU's channel block, e.g. 16)",
+        type=_round_to_arg, metavar="N|auto"))
     global_pruning: bool = field(default=False, metadata=_opt(
         "rank channels across groups instead of the same sparsity everywhere"))
     max_group_sparsity: float = field(default=0.9, metadata=_opt(
@@ -83,7 +114,12 @@ class PruneConfig:
     plan: str | None = field(default=None, metadata=_opt(
         "apply this saved plan (plan.json) instead of choosing channels", metavar="FILE"))
     tracer: str = field(default="auto", metadata=_opt(
-        "graph capture: torch.fx, torch.export, or fx falling back to export", choices=TRACERS))
+        "graph capture: torch.fx, torch.export, traceable submodules as regions, or fx falling back "
+        "to export, then regions", choices=TRACERS))
+    device: str | None = field(default=None, metadata=_opt(
+        "where pruning runs (calibration, selection, reconstruction) and the pruned model lives: "
+        "cpu, cuda, cuda:N or auto (a GPU if there is one); None = where the model is",
+        metavar="DEVICE"))
     verify: bool | str | None = field(default=None, metadata=_opt(
         "check the pruned model's shapes: True (every layer), 'full' (every value), False; None "
         "= graphprune.checks().verify", cli=None))
@@ -98,20 +134,31 @@ class PruneConfig:
         get_criterion(self.method)  # RegistryError listing the methods, with a suggestion
         if self.sparsity is not None:
             check_fraction(self.sparsity, "sparsity", owner)
-        for name in ("target_macs", "target_params"):
+        for name in TARGETS:
             v = getattr(self, name)
-            if v is not None:
-                check_fraction(v, name, owner, allow_one=True)
-                if v <= 0:
-                    raise ConfigError(f"The '{name}' parameter of {owner} must be a float in "
-                                      f"(0, 1]. Got {v!r} instead.", param=name)
-        targets = [n for n in ("target_macs", "target_params") if getattr(self, n) is not None]
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)
+                                  or not 0.0 < float(v) <= 1.0):
+                raise ConfigError(f"The '{name}' parameter of {owner} must be a float in (0, 1]. "
+                                  f"Got {v!r} instead.", param=name)
+        targets = [n for n in TARGETS if getattr(self, n) is not None]
         if len(targets) > 1:
-            raise ConfigError("Give 'target_macs' or 'target_params', not both.", param=targets[1])
+            raise ConfigError(f"Give one target, not both '{targets[0]}' and '{targets[1]}'.",
+                              param=targets[1])
         if targets and self.sparsity is not None:
-            raise ConfigError("Give either 'sparsity' or a target ('target_macs'/'target_params'), "
-                              "not both: the target decides the sparsity.", param="sparsity")
-        check_int(self.round_to, "round_to", owner, low=1)
+            raise ConfigError(f"Give either 'sparsity' or a target ('{targets[0]}'), not both: the "
+                              "target decides the sparsity.", param="sparsity")
+        r = self.round_to
+        if r != "auto" and (isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1):
+            raise ConfigError(f"The 'round_to' parameter of {owner} must be an int >= 1 or 'auto'. "
+                              f"Got {r!r} instead.", param="round_to")
+        if self.latency_table is not None and not isinstance(self.latency_table, str):
+            raise ConfigError(f"The 'latency_table' parameter of {owner} must be a path (a .json "
+                              f"file or a folder). Got {type(self.latency_table).__name__} instead "
+                              "(pass a LatencyTable object to prune(..., latency_table=...)).",
+                              param="latency_table")
+        check_int(self.latency_threads, "latency_threads", owner, low=1)
+        check_int(self.latency_rounds, "latency_rounds", owner)
+        object.__setattr__(self, "device", _device_name(self.device, owner))
         check_fraction(self.max_group_sparsity, "max_group_sparsity", owner)
         check_int(self.seed, "seed", owner)
         check_choice(self.tracer, "tracer", owner, TRACERS)
@@ -140,8 +187,8 @@ class PruneConfig:
 
     @property
     def target(self) -> tuple[str, float] | None:
-        """('macs' | 'params', fraction kept), if a budget replaces the sparsity."""
-        for kind in ("macs", "params"):
+        """('macs' | 'params' | 'latency', fraction kept), if a budget replaces the sparsity."""
+        for kind in ("macs", "params", "latency"):
             v = getattr(self, f"target_{kind}")
             if v is not None:
                 return kind, float(v)
@@ -172,6 +219,22 @@ class PruneConfig:
         return resolve(self, changes)
 
 
+def _device_name(device: Any, owner: str) -> str | None:
+    """``device`` as stored: None, 'auto', 'cpu', 'cuda' or 'cuda:N' (a ``torch.device`` is
+    accepted and written as its string). Whether CUDA is there is checked when the run starts."""
+    if device is None:
+        return None
+    name = str(device) if type(device).__name__ == "device" else device
+    ok = isinstance(name, str) and (name in ("auto", "cpu", "cuda")
+                                    or (name.startswith("cuda:") and name[5:].isdigit()))
+    if not ok:
+        hint = (" (the meta device holds no weights: prune a model that has them)"
+                if str(name).startswith("meta") else "")
+        raise ConfigError(f"The 'device' parameter of {owner} must be {DEVICES}. Got {device!r} "
+                          f"instead.{hint}", param="device")
+    return name
+
+
 def resolve(config: PruneConfig | Mapping[str, Any] | None, options: Mapping[str, Any],
             owner: str = "prune") -> PruneConfig:
     """``config`` (or the defaults) with keyword ``options`` applied on top.
@@ -194,7 +257,7 @@ def resolve(config: PruneConfig | Mapping[str, Any] | None, options: Mapping[str
             raise ConfigError(f"{owner}() got an unknown setting '{k}'. Settings: "
                               f"{', '.join(sorted(known))}.{did_you_mean(k, known)}", param=k)
     # how much to prune is one choice: a sparsity or a target given here replaces the base's
-    amount = ("sparsity", "target_macs", "target_params")
+    amount = ("sparsity", *TARGETS)
     if any(options.get(k) is not None for k in amount):
         base = {k: v for k, v in base.items() if k not in amount}
     return PruneConfig.from_dict({**base, **options})

@@ -25,7 +25,23 @@ _NP = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)
 
 
 class Session:
-    """An onnxruntime session with input checking and timing helpers."""
+    """An onnxruntime session (CPU) with input checking and timing helpers. ``threads`` sets
+    onnxruntime's intra-op threads; ``optimization`` is its graph optimization level, 'none',
+    'basic', 'extended' or 'all'.
+
+    Example:
+        >>> sess = Session("model.onnx", threads=2)
+        >>> sess.inputs                         # name, shape ('batch' when dynamic), type
+        [('input', ['batch', 3, 224, 224], 'tensor(float)')]
+        >>> x = torch.randn(1, 3, 224, 224)
+        >>> logits, = sess.run(x)               # numpy (1, 1000)
+        >>> sess.benchmark(x)["p50"]            # median latency in milliseconds
+
+    Raises:
+        InputError: the file does not exist.
+        ExportError: onnxruntime cannot load it (not an ONNX model, or an unsupported one).
+        ConfigError: an unknown optimization level.
+    """
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
                  optimization: str = "all"):
@@ -34,6 +50,9 @@ class Session:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise InputError(f"ONNX model '{path}' does not exist.")
+        from ._validate import check_choice
+
+        check_choice(optimization, "optimization", "Session", ("none", "basic", "extended", "all"))
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = int(threads)
@@ -73,7 +92,12 @@ class Session:
         return feeds
 
     def run(self, *arrays: Any) -> list[np.ndarray]:
-        """Run the model; inputs are numpy arrays or tensors, outputs numpy arrays."""
+        """Run the model; inputs are numpy arrays or tensors, outputs numpy arrays.
+
+        Raises:
+            InputError: the wrong number of inputs, a dtype that cannot be cast safely to the
+                model's, or a shape that does not match the model's fixed dims.
+        """
         return self.sess.run(None, self._feeds(arrays))
 
     def benchmark(self, *arrays: Any, warmup: int = 10, runs: int = 100) -> dict[str, float]:
@@ -93,7 +117,17 @@ class Session:
 
 
 def check(path: str | os.PathLike, model: nn.Module, *inputs: Any) -> dict[str, float]:
-    """Max absolute and relative error of the ONNX model vs ``model`` on ``inputs``."""
+    """Max absolute and relative error (relative to each output's largest magnitude) of the
+    ONNX model vs ``model`` on ``inputs``; ``model`` runs in eval mode, its mode is restored.
+
+    Example:
+        >>> check("model.onnx", model, torch.randn(2, 3, 224, 224))
+        {'max_abs_err': 8.9e-08, 'max_rel_err': 1.4e-07}
+
+    Raises:
+        InputError: the file does not exist or the inputs do not fit it (see ``Session.run``).
+        ExportError: onnxruntime cannot load the file.
+    """
     from .trace import preserved_state
 
     sess = Session(path)

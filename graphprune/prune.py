@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from typing import Any
+
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -32,7 +35,11 @@ class PruneResult:
     - ``plan``: the kept channels per group (JSON-serialisable, replayable);
     - ``report``: channels per group, params/MACs/bytes before and after, timings, and (with
       calibration data) the output fidelity;
-    - ``graph``: the channel graph of the original model.
+    - ``graph``: the channel graph of the original model (of its copy on ``device``, if the run
+      moved it there);
+    - ``latency``: with a latency table (``target_latency``, ``latency_table``), a
+      ``graphprune.latency.LatencyReport``: predicted (and, under a target, measured) latency vs
+      the dense model's, channels per group, MACs, parameters; else None.
 
     Example:
         >>> r = graphprune.prune(model, x, sparsity=0.5)
@@ -40,8 +47,9 @@ class PruneResult:
     """
 
     def __init__(self, model: nn.Module, applied: Any, plan: Plan, graph: ChannelGraph,
-                 timings: dict[str, float], fidelity: dict[str, Any] | None = None):
-        self.model, self.plan, self.graph = model, plan, graph
+                 timings: dict[str, float], fidelity: dict[str, Any] | None = None,
+                 latency: Any = None):
+        self.model, self.plan, self.graph, self.latency = model, plan, graph, latency
         self._applied = applied
         self._timings = timings
         self._fidelity = fidelity or {}
@@ -74,10 +82,9 @@ def _ranking_scores(graph: ChannelGraph, crit: Criterion, ctx: ScoreContext) -> 
 def compute_amounts(graph: ChannelGraph, crit: Criterion, ctx: ScoreContext,
                     cfg: PruneConfig) -> dict[str, int]:
     """Channels kept per prunable group under ``cfg`` (sparsity, config list, global ranking,
-    or a MACs / parameter target)."""
+    or a MACs / parameter target; ``round_to`` an int, see ``_Run.amounts`` for latency)."""
     sparsity, config = cfg.effective_sparsity, cfg.config
-    targets = group_sparsities(graph, sparsity, config, cfg.ignore)
-    allowed = {n: why is None for n, (_, why) in targets.items()}
+    allowed = _allowed(graph, cfg)
     if cfg.global_pruning:
         scores = _ranking_scores(graph, crit, ctx)
 
@@ -93,6 +100,33 @@ def compute_amounts(graph: ChannelGraph, crit: Criterion, ctx: ScoreContext,
     if cfg.target is not None:
         return amounts_for_target(graph, make, *cfg.target)
     return make(sparsity)
+
+
+def _allowed(graph: ChannelGraph, cfg: PruneConfig) -> dict[str, bool]:
+    targets = group_sparsities(graph, cfg.effective_sparsity, cfg.config, cfg.ignore)
+    return {n: why is None for n, (_, why) in targets.items()}
+
+
+def plan_amounts(graph: ChannelGraph, crit: Criterion, ctx: ScoreContext, cfg: PruneConfig,
+                 example_inputs: Any = None, table: Any = None,
+                 progress: Callable[[str, int, int], None] | None = None
+                 ) -> tuple[dict[str, int], PruneConfig, Any]:
+    """Channels kept per group, the settings with ``round_to`` resolved to an int, and the
+    latency report (None without a latency table). Under ``target_latency`` the channels are
+    allocated on the latency table with the method's scores (l1 for selectors) and checked in
+    onnxruntime; see ``graphprune.latency.target``."""
+    from .latency import target as lt
+
+    table = lt.table_for_run(graph, example_inputs, cfg, table, progress)
+    if cfg.round_to == "auto":
+        cfg = replace(cfg, round_to=lt.run_round_to(cfg, table))
+    if cfg.target_latency is not None:
+        scores = _ranking_scores(graph, crit, ctx)
+        amounts, rep = lt.target_amounts(graph, scores, cfg, table, _allowed(graph, cfg),
+                                         cfg.round_to, example_inputs)
+        return amounts, cfg, rep
+    amounts = compute_amounts(graph, crit, ctx, cfg)
+    return amounts, cfg, None if table is None else lt.run_report(graph, amounts, table)
 
 
 def _data_runner(model: nn.Module) -> tuple[Any, bool]:
@@ -117,18 +151,49 @@ def _needs_data_error(cfg: PruneConfig, crit: Criterion, plan: Any) -> None:
                           "or (inputs, labels) pairs, or a DataLoader).")
 
 
-def _meta(cfg: PruneConfig, model: nn.Module) -> dict[str, Any]:
+def _meta(cfg: PruneConfig, model: nn.Module, latency: Any = None) -> dict[str, Any]:
     meta = {"method": cfg.method, "sparsity": cfg.effective_sparsity, "round_to": cfg.round_to,
             "seed": cfg.seed, "model": type(model).__name__, "reconstruct": cfg.reconstruct}
     if cfg.target is not None:
         meta[f"target_{cfg.target[0]}"] = cfg.target[1]
     if cfg.global_pruning:
         meta["global_pruning"] = True
+    if latency is not None:
+        from .latency.target import meta_of
+
+        meta.update(meta_of(latency))
     return meta
 
 
+def _on_device(model: nn.Module, example_inputs: Any, device: str | None, inplace: bool
+               ) -> tuple[nn.Module, Any, torch.device]:
+    """The model and example inputs where the run works (``device``; None: where the model is).
+    The caller's model moves only with ``inplace``; otherwise a copy goes to the device."""
+    from .datadriven.sequential import model_device
+    from .distributed import resolve_device
+
+    home = model_device(model)
+    dev = resolve_device(device, model=model)
+    if device is None:
+        return model, example_inputs, dev
+    if dev != home:
+        model = model.to(dev) if inplace else copy.deepcopy(model).to(dev)
+    return model, _to(example_inputs, dev), dev
+
+
+def _to(x: Any, dev: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(dev)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, dev) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, dev) for k, v in x.items()}
+    return x
+
+
 def prune(model: nn.Module, example_inputs: Any, settings: PruneConfig | None = None, *,
-          calibration: Any = None, plan: Plan | str | None = None, inplace: bool = False,
+          calibration: Any = None, plan: Plan | str | None = None, latency_table: Any = None,
+          inplace: bool = False,
           progress: Callable[[str, int, int], None] | None = None, **options: Any) -> PruneResult:
     """Prune the channels of every prunable group and shrink the model physically.
 
@@ -140,19 +205,28 @@ def prune(model: nn.Module, example_inputs: Any, settings: PruneConfig | None = 
             data-driven 'taylor', 'lasso', 'greedy'; ``graphprune.list_criteria()``),
             ``round_to``, ``ignore``, ``config`` (NNI-style list), ``reconstruct``,
             ``sequential``, ``global_pruning``, ``max_group_sparsity``, ``target_macs`` /
-            ``target_params``, ``seed``, ``tracer``, ``verify``, ``strict``. See ``PruneConfig``.
+            ``target_params`` / ``target_latency`` (with ``latency_table``,
+            ``latency_threads``, ``latency_rounds``), ``seed``, ``tracer``, ``device``,
+            ``verify``, ``strict``. See ``PruneConfig``.
         calibration: inputs for data-driven methods and reconstruction: a tensor, an iterable of
-            tensors or of ``(x, y)`` pairs, or a DataLoader (at most 256 samples are used).
+            tensors or of ``(x, y)`` pairs, or a DataLoader (at most 256 samples are used); the
+            batches move to the run's device one at a time.
         plan: a ``Plan`` (or a path to a saved one) to apply instead of choosing channels.
-        inplace: modify ``model`` itself instead of returning a pruned copy.
-        progress: ``fn(group, i, n)`` called before each group of a data-driven run.
+        latency_table: a ``graphprune.latency.LatencyTable`` (or a path, as the setting) to
+            allocate ``target_latency`` on and to round with ``round_to='auto'``.
+        inplace: modify ``model`` itself instead of returning a pruned copy (with ``device``,
+            the model itself moves there).
+        progress: ``fn(stage, i, n)`` called before each group of a data-driven run and as a
+            latency table is measured.
 
     Returns:
-        ``PruneResult`` with the smaller ``model``, ``masks``, ``plan``, ``report`` and ``graph``.
+        ``PruneResult`` with the smaller ``model`` (on ``device``), ``masks``, ``plan``,
+        ``report``, ``graph`` and ``latency``.
 
     Raises:
-        ConfigError: a bad setting (named, with the accepted values), or data-driven work
-            without ``calibration``.
+        ConfigError: a bad setting (named, with the accepted values), data-driven work without
+            ``calibration``, a CUDA device on a machine without one, or an unreachable target.
+        LatencyTableError: a latency table file of another model or machine.
         TraceError / InputError: the model cannot be captured or the inputs do not fit.
         PlanError: a given plan does not fit the model.
 
@@ -160,8 +234,15 @@ def prune(model: nn.Module, example_inputs: Any, settings: PruneConfig | None = 
         >>> r = graphprune.prune(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224),
         ...                      sparsity=0.5, method="l1")
         >>> print(r.report)
+        >>> r = graphprune.prune(model, x, target_latency=0.5)   # half the onnxruntime latency
+        >>> print(r.latency)                                      # predicted vs measured
     """
     t0 = time.perf_counter()
+    table = None
+    if latency_table is not None and not isinstance(latency_table, str):
+        table = latency_table  # an object: not a setting (settings are JSON values)
+    elif latency_table is not None:
+        options = {**options, "latency_table": latency_table}
     cfg = resolve(settings, options, "prune")
     crit = get_criterion(cfg.method)
     plan = cfg.plan if plan is None else plan
@@ -170,12 +251,12 @@ def prune(model: nn.Module, example_inputs: Any, settings: PruneConfig | None = 
     calib: Calibration | None = None
     if calibration is not None:
         calib = as_calibration(calibration, example_inputs)
+    model, example_inputs, dev = _on_device(model, example_inputs, cfg.device, inplace)
     graph = trace(model, example_inputs, tracer=cfg.tracer, strict=cfg.strict)
     t1 = time.perf_counter()
     ctx = ScoreContext(params=graph.params, rng=np.random.default_rng(cfg.seed), calibration=calib,
                        graph=graph)
-    meta = _meta(cfg, model)
-    weights, fidelity, extra_t, dd = None, {}, {}, None
+    weights, fidelity, extra_t, dd, latency = None, {}, {}, None, None
     seq, blockwise = _data_runner(model)
     if isinstance(plan, str):
         plan = Plan.load(plan)
@@ -184,13 +265,16 @@ def prune(model: nn.Module, example_inputs: Any, settings: PruneConfig | None = 
         if cfg.reconstruct:
             fixed = {n: len(gp.keep) for n, gp in plan.groups.items()}
             dd = seq.run(graph, calib, crit, fixed, reconstruct=True, sequential=cfg.sequential,
-                         seed=cfg.seed, meta=dict(plan.meta), progress=progress, fixed=plan)
+                         seed=cfg.seed, meta=dict(plan.meta), progress=progress, fixed=plan,
+                         device=dev)
             weights, fidelity["groups"], extra_t = dd.weights, dd.groups, dd.timings
     else:
-        amounts = compute_amounts(graph, crit, ctx, cfg)
+        amounts, cfg, latency = plan_amounts(graph, crit, ctx, cfg, example_inputs, table, progress)
+        meta = _meta(cfg, model, latency)
         if crit.kind == "select" or cfg.reconstruct or (blockwise and crit.needs_data):
             dd = seq.run(graph, calib, crit, amounts, reconstruct=cfg.reconstruct,
-                         sequential=cfg.sequential, seed=cfg.seed, meta=meta, progress=progress)
+                         sequential=cfg.sequential, seed=cfg.seed, meta=meta, progress=progress,
+                         device=dev)
             plan, weights, fidelity["groups"], extra_t = dd.plan, dd.weights, dd.groups, dd.timings
         else:
             scores = {n: score_group(crit, graph.group(n), ctx)
@@ -204,7 +288,7 @@ def prune(model: nn.Module, example_inputs: Any, settings: PruneConfig | None = 
     timings = {"trace": t1 - t0, "plan": t2 - t1, "apply": t3 - t2, **extra_t}
     if calib is not None:
         fidelity["total"] = seq.output_fidelity(graph.model, applied.model, calib)
-    return PruneResult(applied.model, applied, plan, graph, timings, fidelity)
+    return PruneResult(applied.model, applied, plan, graph, timings, fidelity, latency)
 
 
 def make_plan(graph: ChannelGraph, settings: PruneConfig | None = None, *, calibration: Any = None,
@@ -232,8 +316,8 @@ def make_plan(graph: ChannelGraph, settings: PruneConfig | None = None, *, calib
         calib = as_calibration(calibration, t.inputs[0])
     ctx = ScoreContext(params=graph.params, rng=np.random.default_rng(cfg.seed), calibration=calib,
                        graph=graph)
-    amounts = compute_amounts(graph, crit, ctx, cfg)
-    meta = {k: v for k, v in _meta(cfg, graph.model).items() if k != "reconstruct"}
+    amounts, cfg, latency = plan_amounts(graph, crit, ctx, cfg, tuple(graph.traced[0].inputs[0]))
+    meta = {k: v for k, v in _meta(cfg, graph.model, latency).items() if k != "reconstruct"}
     if crit.kind == "select":
         from .datadriven import sequential as seq
 

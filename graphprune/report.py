@@ -81,6 +81,17 @@ class Report:
         if len(self.groups) > max_groups:
             g.append((f"... {len(self.groups) - max_groups} more groups", "", "", "", "", ""))
         out.append(_fmt(g))
+        s = self.settings or {}
+        if s.get("latency_predicted") is not None:
+            line = (f"onnxruntime latency vs dense ({s.get('latency_clock')} clock): predicted "
+                    f"{s['latency_predicted']:.3f}")
+            if s.get("latency_measured") is not None:
+                line += f", measured {s['latency_measured']:.3f}"
+            if s.get("target_latency") is not None:
+                line += f" (target {s['target_latency']:.3f})"
+            out.append(line)
+            if s.get("latency_warning"):
+                out.append(f"warning: {s['latency_warning']}")
         tot = self.fidelity.get("total") if self.fidelity else None
         if tot:
             out.append(f"output vs original on the calibration data: relative error "

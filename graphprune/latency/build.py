@@ -102,7 +102,7 @@ def build_table(model: nn.Module, example_inputs: Any, graph: Any = None, *, thr
                 samples: int = 8, rounds: int = 20, per_round: int = 3, exporter: str = "legacy",
                 sparsities: Sequence[float] = (0.1, 0.2, 0.3, 0.4),
                 round_candidates: Sequence[int] | None = None, lowest: float = 0.2,
-                seed: int = 0, cache: str | os.PathLike | None = None,
+                seed: int = 0, cache: str | os.PathLike | None = None, stale: str = "measure",
                 progress: Callable[[str, int, int], None] | None = None) -> LatencyTable:
     """Measure how ``model``'s onnxruntime latency depends on the channels of each group.
 
@@ -118,6 +118,8 @@ def build_table(model: nn.Module, example_inputs: Any, graph: Any = None, *, thr
         lowest: the smallest fraction of a group's channels a random variant keeps.
         cache: a directory (the file is named by the model and machine) or a ``.json`` path; a
             table there for the same model shape and machine is returned without measuring.
+        stale: what a cached table of another model shape or machine leads to: 'measure' (the
+            table is measured again and the file overwritten) or 'raise' (LatencyTableError).
         progress: ``fn(stage, i, n)`` called as variants are exported.
 
     Example:
@@ -127,6 +129,8 @@ def build_table(model: nn.Module, example_inputs: Any, graph: Any = None, *, thr
 
     Raises:
         ConfigError: an option is out of range.
+        LatencyTableError: with ``stale='raise'``, the cache file holds another model's or
+            machine's table.
     """
     from .. import trace
 
@@ -136,6 +140,7 @@ def build_table(model: nn.Module, example_inputs: Any, graph: Any = None, *, thr
     check_int(per_round, "per_round", "build_table", low=1)
     check_choice(optimization, "optimization", "build_table", OPTIMIZATIONS)
     check_choice(exporter, "exporter", "build_table", ("legacy", "dynamo", "auto"))
+    check_choice(stale, "stale", "build_table", ("measure", "raise"))
     if not 0.0 < lowest <= 1.0:
         raise ConfigError(f"The 'lowest' parameter of build_table must be a float in (0, 1]. "
                           f"Got {lowest!r} instead.")
@@ -158,6 +163,8 @@ def build_table(model: nn.Module, example_inputs: Any, graph: Any = None, *, thr
             cached = None  # unreadable: measured again and overwritten
         if cached is not None and cached.key == LatencyTable.normalize_key(key):
             return cached
+        if stale == "raise":
+            raise LatencyTableError(_stale_message(path, cached, LatencyTable.normalize_key(key)))
     block = detect_block(threads=threads, providers=providers, optimization=optimization)
     step = max(block, 8)
     cands = sorted({int(r) for r in (round_candidates or (1, step))})
@@ -209,6 +216,20 @@ def build_table(model: nn.Module, example_inputs: Any, graph: Any = None, *, thr
     if path is not None:
         table.save(path)
     return table
+
+
+def _stale_message(path: str, cached: LatencyTable | None, key: Mapping[str, Any]) -> str:
+    """Why the table at ``path`` does not serve this model on this machine."""
+    if cached is None:
+        why = "is not a readable latency table"
+    else:
+        part = "model" if dict(cached.key.get("model", {})) != key["model"] else "machine"
+        got, want = dict(cached.key.get(part, {})), key[part]
+        diff = [k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+        shown = ", ".join(f"{k} {got.get(k)!r} (here {want.get(k)!r})" for k in diff[:3])
+        why = f"was measured on another {part}: {shown}"
+    return (f"the latency table '{path}' {why}. Give a folder instead (tables are named by model "
+            "and machine there), another file name, or delete the file to measure again.")
 
 
 def calibrate(p: Predictor, sizes: Mapping[str, int], widths: Sequence[Mapping[str, int]],

@@ -71,7 +71,16 @@ class _Shared(nn.Module):
 @dataclass
 class QuantizedModel:
     """A model whose weights are quantized, with their codes (``tensors``: state_dict name ->
-    ``QuantizedTensor``) and the config used per module."""
+    ``QuantizedTensor``) and the config used per module; what ``quantize`` returns and
+    ``graphprune.coding.encode`` codes.
+
+    Example:
+        >>> q = quantize(model, KMeans(bits=4))
+        >>> print(q.summary())                  # weight, scheme, bits per quantized tensor
+        >>> centroids = q.share_weights()       # fine-tune the shared centroids (Deep Compression)
+        >>> ...                                 # train q.model with your own loop
+        >>> graphprune.coding.encode(q.freeze(), "model.gpc")
+    """
 
     model: nn.Module
     tensors: dict[str, QuantizedTensor]
@@ -176,8 +185,13 @@ def quantize(model: nn.Module, config: Any = "linear", *, inplace: bool = False)
     """Quantize the weights of ``model`` (see the module docstring for ``config``).
 
     Example:
-        >>> q = graphprune.quantize(pruned, graphprune.quantize.KMeans(bits=4))
+        >>> q = graphprune.quantize.quantize(pruned, graphprune.quantize.KMeans(bits=4))
         >>> graphprune.coding.encode(q, "model.gpc")
+
+    Raises:
+        ConfigError: a path that names no module of the model, a config that is not a
+            QuantConfig, a dict or a list, or a bad scheme setting.
+        RegistryError: an unknown scheme name.
     """
     resolved = _resolve(model, config)
     target = model if inplace else copy.deepcopy(model)

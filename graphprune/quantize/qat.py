@@ -26,9 +26,18 @@ _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 @dataclass(frozen=True)
 class QAT:
-    """Fake-quantization settings: ``scheme`` 'linear' (int8-style affine/symmetric with
-    observers) or 'dorefa'; bits for weights and activations; EMA ``momentum`` of the activation
-    observers."""
+    """Fake-quantization settings of ``prepare_qat``: ``scheme`` 'linear' (int8-style: symmetric
+    weights, per output channel with ``per_channel``, and affine activations from observers) or
+    'dorefa'; bits for weights and activations; EMA ``momentum`` of the activation observers;
+    ``fold_bn`` folds BatchNorm into the preceding layers first.
+
+    Example:
+        >>> qat = prepare_qat(model, x, QAT(weight_bits=8, act_bits=8, per_channel=False))
+
+    Raises:
+        ConfigError: bits that are not an int in [2, 16] (at most 8 with the 'linear' scheme,
+            which exports to ONNX int8), an unknown ``scheme``, or ``momentum`` outside (0, 1].
+    """
 
     weight_bits: int = 8
     act_bits: int = 8
@@ -100,7 +109,16 @@ class ActObserver(nn.Module):
 
 
 class QATLayer(nn.Module):
-    """A Conv/Linear with fake-quantized input and weight (the wrapped layer is ``layer``)."""
+    """A Conv/Linear with fake-quantized input and weight (the wrapped layer is ``layer``).
+    In training mode the activation observer (``act``) tracks the input range; in eval mode the
+    weight scale is frozen, so an exported graph holds it as a constant. ``prepare_qat`` puts
+    these in for you.
+
+    Example:
+        >>> layer = QATLayer(nn.Linear(16, 4), QAT())
+        >>> layer(torch.rand(2, 16)).shape      # the input and weight seen on the int8 grid
+        torch.Size([2, 4])
+    """
 
     def __init__(self, layer: nn.Module, cfg: QAT):
         super().__init__()
@@ -154,8 +172,21 @@ class QATLayer(nn.Module):
 
 def prepare_qat(model: nn.Module, example_inputs: Any, cfg: QAT | None = None,
                 calibration: Any = None) -> nn.Module:
-    """A copy of ``model`` ready for quantization-aware training (see the module docstring).
-    With ``calibration`` batches, the activation observers are initialised on them."""
+    """A copy of ``model`` ready for quantization-aware training (see the module docstring):
+    BatchNorm folded (with ``cfg.fold_bn``), every Conv/Linear a ``QATLayer``; returned in eval
+    mode. With ``calibration`` batches, the activation observers are initialised on them.
+
+    Example:
+        >>> qat = prepare_qat(model, x, QAT(), calibration=x_train[:256])
+        >>> ...                                 # train qat.train() with your own loop
+        >>> graphprune.export_onnx(qat, x, "model_int8.onnx")   # QDQ nodes, int8 weights
+
+    Raises:
+        TraceError: the model cannot be traced to fold its BatchNorm (pass
+            ``QAT(fold_bn=False)``).
+        InputError: ``example_inputs`` or a calibration batch do not fit the model.
+        ConfigError: ``calibration`` is neither a tensor, an iterable of batches nor a DataLoader.
+    """
     cfg = cfg or QAT()
     if cfg.fold_bn:
         from ..fold import fold_batchnorm
@@ -184,7 +215,14 @@ def has_qat(model: nn.Module) -> bool:
 
 def strip_qat(model: nn.Module) -> nn.Module:
     """A copy where every ``QATLayer`` is replaced by its plain layer holding the quantized
-    weights (on the int8 grid): what onnxruntime's static quantization then maps exactly."""
+    weights (on the int8 grid): what onnxruntime's static quantization then maps exactly.
+    ``export_onnx(..., quantize="int8")`` calls it for you.
+
+    Example:
+        >>> plain = strip_qat(qat)              # plain layers again, in eval mode
+        >>> any(isinstance(m, QATLayer) for m in plain.modules())
+        False
+    """
     model = copy.deepcopy(model).eval()
     for m in list(model.modules()):
         for name, child in list(m.named_children()):

@@ -18,6 +18,18 @@ KMEANS_FIT_SAMPLES = 100_000  # k-means is fitted on at most this many weights, 
 
 
 def handler(cls: type) -> Callable[[Handler], Handler]:
+    """Register ``fn(w, cfg, axis) -> QuantizedTensor`` as the quantizer of the config class
+    ``cls`` (a decorator). ``w`` is the float32 CPU weight, ``axis`` its output-channel dim; the
+    codes must reproduce the weight through ``dequantize``, which is what the model keeps.
+
+    Example:
+        >>> @handler(Ternary)              # the QuantConfig subclass of QuantConfig's example
+        ... def ternary(w, cfg, axis):
+        ...     s = float(w.abs().mean())
+        ...     codes = torch.where(w.abs() > 0.7 * s, torch.sign(w), 0).to(torch.int32) + 1
+        ...     return QuantizedTensor(codes, "ternary", 2, codebook=torch.tensor([-s, 0.0, s, 0.0]))
+        >>> q = quantize(model, Ternary())  # weights in {-s, 0, s}; encode() codes them too
+    """
     def deco(fn: Handler) -> Handler:
         _HANDLERS[cls] = fn
         return fn
@@ -25,7 +37,18 @@ def handler(cls: type) -> Callable[[Handler], Handler]:
 
 
 def quantize_tensor(w: torch.Tensor, cfg: QuantConfig, axis: int = 0) -> QuantizedTensor:
-    """Quantize one weight tensor with ``cfg`` (``axis``: its output-channel dim)."""
+    """Quantize one weight tensor with ``cfg`` (``axis``: its output-channel dim, 1 for a
+    transposed convolution). The tensor itself is not changed.
+
+    Example:
+        >>> q = quantize_tensor(torch.randn(8, 3, 3, 3), Linear(bits=4))
+        >>> q.codes.shape, q.scale.shape    # a scale per output channel
+        (torch.Size([8, 3, 3, 3]), torch.Size([8]))
+
+    Raises:
+        RegistryError: no handler is registered for ``type(cfg)`` (the message lists those that
+            are).
+    """
     fn = _HANDLERS.get(type(cfg))
     if fn is None:
         raise unknown_name("quantizer", type(cfg).__name__, [c.__name__ for c in _HANDLERS])

@@ -14,6 +14,19 @@ import torch
 
 @dataclass
 class QuantizedTensor:
+    """One quantized weight: int32 ``codes`` of its shape, and what maps them back to floats, a
+    ``codebook`` (k-means, DoReFa) or a ``scale`` and ``zero_point`` (linear, naive, fixed point),
+    per tensor or per channel along ``axis``. ``quantize_tensor`` makes them, the coder stores
+    them.
+
+    Example:
+        >>> q = quantize_tensor(torch.tensor([0.5, -1.0]), Linear(bits=4, per_channel=False))
+        >>> q.codes, q.scale, q.levels
+        (tensor([ 3, -7], dtype=torch.int32), tensor(0.1429), 16)
+        >>> q.dequantize()                  # (codes - zero_point) * scale
+        tensor([ 0.4286, -1.0000])
+    """
+
     codes: torch.Tensor  # int32, same shape as the weight
     scheme: str
     bits: int
@@ -31,7 +44,16 @@ class QuantizedTensor:
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
-    """Float32 values of ``q`` (the single definition both quantizer and decoder use)."""
+    """Float32 values of ``q`` (the single definition both quantizer and decoder use):
+    ``codebook[codes]``, or ``(codes - zero_point) * scale`` broadcast along ``q.axis``.
+
+    Example:
+        >>> q = quantize_tensor(torch.tensor([0.5, -1.0, 0.25]), Linear(bits=4, symmetric=False))
+        >>> q.codes, q.zero_point           # affine: 0.0 is code 10, exactly
+        (tensor([15,  0, 12], dtype=torch.int32), tensor(10, dtype=torch.int32))
+        >>> dequantize(q)
+        tensor([ 0.5000, -1.0000,  0.2000])
+    """
     if q.codebook is not None:
         return q.codebook.to(torch.float32)[q.codes.long()]
     scale, zp = q.scale.to(torch.float32), q.zero_point.to(torch.int32)

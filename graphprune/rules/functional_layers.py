@@ -59,13 +59,27 @@ def batch_norm_fn(b: Builder, node: fx.Node, m: Any = None) -> Any:
     return x
 
 
+def _innermost_module(node: fx.Node) -> str | None:
+    """Path of the module whose forward made this call (fx and torch.export both record the
+    module stack); None when the graph does not say."""
+    stack = node.meta.get("nn_module_stack")
+    if stack is None:
+        return None if node.graph.owning_module is None else ""
+    paths = [v[0] if isinstance(v, tuple) else k for k, v in stack.items()]
+    return paths[-1] if paths else ""
+
+
 @op_rule(F.group_norm, torch.group_norm)
 def group_norm_fn(b: Builder, node: fx.Node, m: Any = None) -> Any:
     x = b.info(node.args[0])
     groups, w, bias = arg(node, 1, "num_groups"), arg(node, 2, "weight"), arg(node, 3, "bias")
     e = b.along(x, 1) if x is not None else None
     owner = _owner(b, w, nn.GroupNorm)
-    if e is None or owner is None or owner.num_groups != groups:
+    # the group count is the owner's attribute (refreshed after pruning) only when the owner's
+    # own forward makes the call: a literal equal to it elsewhere stays a literal
+    called_by_owner = owner is not None and _innermost_module(node) == \
+        b.param_nodes[w].rpartition(".")[0]
+    if e is None or not called_by_owner or owner.num_groups != groups:
         # a literal group count that no module attribute refreshes: the width is fixed
         if x is not None:
             b.freeze_info(TInfo(x.shape, [a for a in x.axes if 1 in a.dims]),

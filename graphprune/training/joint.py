@@ -42,6 +42,10 @@ class JointBudget(Projection):
 
     Example:
         >>> admm = ADMM(model, JointBudget(nnz_budget=0.05, bit_budget=3.5), update_interval=22)
+
+    Raises:
+        ConfigError: ``nnz_budget`` outside (0, 1], not 2 <= ``min_bits`` <= ``max_bits`` <= 16,
+            or ``bit_budget`` outside [``min_bits``, ``max_bits``].
     """
 
     keeps_zeros = True
@@ -143,7 +147,17 @@ def compression_report(model: nn.Module, bits: dict[str, int], *, index_bits: in
     """Honest storage of a pruned + quantized model vs fp32: each compressed weight costs its
     bits per non-zero plus the cheaper of a 1-bit-per-weight bitmap or ``index_bits`` relative
     indices per non-zero (with fillers for long zero runs), plus a 32-bit scale; every other
-    tensor of the state dict is counted at 32 bits."""
+    floating-point tensor of the state dict is counted at 32 bits (integer buffers not at all).
+    ``bits`` maps state_dict names of the compressed weights to their bit-widths.
+
+    Example:
+        >>> budget = JointBudget(nnz_budget=0.05, bit_budget=3.5)
+        >>> ...                                 # ADMM(model, budget) training, finalize()
+        >>> r = compression_report(model, budget.bits)
+        >>> r["layers"]["conv1.weight"]         # 88 non-zeros x 4 bits + indices + scale
+        {'nnz': 88, 'bits': 4, 'index_bits': 704, 'cost_bits': 1088}
+        >>> r["ratio"]                          # fp32 bytes over coded bytes
+    """
     sd = model.state_dict()
     fp32_bits = sum(t.numel() * 32 for t in sd.values() if t.is_floating_point())
     total = 0
@@ -170,7 +184,18 @@ def compression_report(model: nn.Module, bits: dict[str, int], *, index_bits: in
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor | None = None,
                       *, temperature: float = 4.0, alpha: float = 0.9) -> torch.Tensor:
     """Knowledge distillation (Hinton et al. 2015): alpha * T^2 * KL(teacher_T || student_T)
-    + (1 - alpha) * cross-entropy with the labels (if given)."""
+    + (1 - alpha) * cross-entropy with the labels (if given). Both are logits; the teacher's
+    are detached.
+
+    Example:
+        >>> with torch.no_grad():
+        ...     t = teacher(x)
+        >>> loss = distillation_loss(student(x), t, y, temperature=4.0, alpha=0.9)
+        >>> loss.backward()
+
+    Raises:
+        ConfigError: ``temperature`` is not > 0.
+    """
     if temperature <= 0:
         raise ConfigError(f"The 'temperature' parameter must be > 0. Got {temperature!r}.")
     kd = F.kl_div(F.log_softmax(student / temperature, -1),

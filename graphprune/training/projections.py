@@ -50,6 +50,9 @@ class Sparsity(Projection):
     Example:
         >>> int((Sparsity(0.58).project(torch.randn(10, 10), "w") != 0).sum())
         42
+
+    Raises:
+        ConfigError: ``sparsity`` is not a float in [0, 1).
     """
 
     keeps_zeros = True
@@ -73,6 +76,9 @@ class Levels(Projection):
     Example:
         >>> len(Levels(bits=3).project(torch.randn(100), "w").abs().unique()) <= 4
         True
+
+    Raises:
+        ConfigError: ``bits`` is not an int in [2, 8].
     """
 
     keeps_zeros = False  # zero is one of the levels; retraining may move a weight off it
@@ -109,6 +115,11 @@ class Intersection(Projection):
 
     Example:
         >>> p = Intersection(Sparsity(0.9), Levels(bits=3))
+        >>> admm = ADMM(model, [{"op_types": ["Conv2d"], "projection": p}])
+
+    Raises:
+        ConfigError: no projection, an argument that is not a ``Projection``, or a
+            ``ChannelSparsity`` (which ends in a physical shrink).
     """
 
     def __init__(self, *projections: Projection):
@@ -146,6 +157,10 @@ class ChannelSparsity(Projection):
 
     Example:
         >>> admm = ADMM(model, ChannelSparsity(0.5), example_inputs=x)
+
+    Raises:
+        ConfigError: ``sparsity`` is not a float in [0, 1).
+        RegistryError: an unknown ``criterion``.
     """
 
     keeps_zeros = True

@@ -33,7 +33,23 @@ from .targets import Target, resolve
 
 class MaskPruner:
     """Base class: masks per parameter, applied after every step; subclasses set the schedule
-    (``target_sparsity``) and override ``compute_masks`` to change the criterion."""
+    (``target_sparsity``) and override ``compute_masks`` to change the criterion. Used as is, it
+    prunes once to each entry's sparsity by magnitude (``criterion`` scores the channel units of
+    filter/channel granularity).
+
+    Example:
+        >>> pruner = MaskPruner(model, [{"sparsity": 0.5, "op_types": ["Conv2d"]}])
+        >>> pruner.compress()                   # half of every conv's weights set to zero
+        >>> pruner.sparsity()
+        {'0.weight': 0.5}
+
+    Raises:
+        ConfigError: a bad config list (not a list of dicts, an unknown key, an entry that selects
+            no layer, a sparsity outside [0, 1) or a decreasing schedule, an unknown
+            granularity), or filter/channel granularity without ``example_inputs``.
+        RegistryError: an unknown ``criterion`` (filter/channel granularity).
+        TraceError: filter/channel granularity on a model that cannot be traced.
+    """
 
     def __init__(self, model: nn.Module, config_list: Sequence[Mapping[str, Any]], *,
                  granularity: str = "element", criterion: str = "l1",
@@ -161,7 +177,24 @@ def _unstructured(w: torch.Tensor, sparsity: float, granularity: str) -> torch.T
 class LevelPruner(MaskPruner):
     """Magnitude pruning to each layer's sparsity (NNI's level pruner). A list of sparsities in a
     config entry is a staged schedule (Deep Compression's prune / retrain stages): ``next_stage()``
-    or ``update_epoch`` with ``stage_epochs`` moves on."""
+    or ``update_epoch`` with ``stage_epochs`` moves on. ``StagedPruner`` is the same class.
+
+    Example:
+        >>> pruner = LevelPruner(model, [{"sparsity": [0.5, 0.8, 0.9], "op_types": ["Conv2d"]}],
+        ...                      stage_epochs=[0, 10, 20])
+        >>> pruner.compress()                   # stage 0: 50% of every conv's weights
+        >>> for epoch in range(30):
+        ...     pruner.update_epoch(epoch)      # 80% from epoch 10, 90% from epoch 20
+        ...     train_one_epoch(model)          # opt.step(); pruner.step() at every batch
+
+    Raises:
+        ConfigError: ``stage_epochs`` that do not increase.
+        ConfigError: a bad config list (not a list of dicts, an unknown key, an entry that selects
+            no layer, a sparsity outside [0, 1) or a decreasing schedule, an unknown
+            granularity), or filter/channel granularity without ``example_inputs``.
+        RegistryError: an unknown ``criterion`` (filter/channel granularity).
+        TraceError: filter/channel granularity on a model that cannot be traced.
+    """
 
     def __init__(self, model: nn.Module, config_list: Sequence[Mapping[str, Any]], *,
                  stage_epochs: Sequence[int] | None = None, **kw: Any):
@@ -190,7 +223,26 @@ class AGPPruner(MaskPruner):
     """Automated gradual pruning (Zhu & Gupta 2017): sparsity follows
     s_t = s_f + (s_i - s_f) (1 - (t - t_0) / (t_end - t_0))^3 from ``start_step`` to ``end_step``
     (optimizer steps, counted by ``step()``), masks recomputed every ``frequency`` steps and at
-    ``end_step`` exactly."""
+    ``end_step`` exactly. s_f is each entry's sparsity (the last one of a list), s_i
+    ``initial_sparsity``.
+
+    Example:
+        >>> pruner = AGPPruner(model, [{"sparsity": 0.9, "op_types": ["default"]}], end_step=1000,
+        ...                    frequency=10)
+        >>> pruner.compress()
+        >>> for x, y in loader:                 # 0% -> 90% over 1000 steps, fast at first
+        ...     loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
+        ...     pruner.step()
+
+    Raises:
+        ConfigError: not 0 <= ``start_step`` < ``end_step``, a ``frequency`` that is not an int
+            >= 1, or a final sparsity below ``initial_sparsity``.
+        ConfigError: a bad config list (not a list of dicts, an unknown key, an entry that selects
+            no layer, a sparsity outside [0, 1) or a decreasing schedule, an unknown
+            granularity), or filter/channel granularity without ``example_inputs``.
+        RegistryError: an unknown ``criterion`` (filter/channel granularity).
+        TraceError: filter/channel granularity on a model that cannot be traced.
+    """
 
     def __init__(self, model: nn.Module, config_list: Sequence[Mapping[str, Any]], *,
                  end_step: int, start_step: int = 0, frequency: int = 1,
@@ -232,7 +284,25 @@ class LotteryTicketPruner(MaskPruner):
     """The lottery ticket procedure (Frankle & Carbin 2019): ``compress()`` stores the initial
     weights; after each round of training, ``next_round()`` prunes ``sparsity`` of the remaining
     weights by magnitude (cumulative 1 - (1 - p)^round) and rewinds every weight to its initial
-    value, masks kept. ``rounds`` rounds in all."""
+    value, masks kept. ``rounds`` rounds in all; the last ticket is then trained once more.
+
+    Example:
+        >>> pruner = LotteryTicketPruner(model, [{"sparsity": 0.5, "op_types": ["default"]}],
+        ...                              rounds=3)
+        >>> pruner.compress()                   # stores the initial weights; nothing pruned yet
+        >>> for r in range(3):
+        ...     train(model, pruner)            # opt.step(); pruner.step() at every batch
+        ...     pruner.next_round()             # 50%, 75%, 87.5% pruned; weights rewound
+        >>> train(model, pruner)                # train the winning ticket
+
+    Raises:
+        ConfigError: ``rounds`` is not an int >= 1.
+        ConfigError: a bad config list (not a list of dicts, an unknown key, an entry that selects
+            no layer, a sparsity outside [0, 1) or a decreasing schedule, an unknown
+            granularity), or filter/channel granularity without ``example_inputs``.
+        RegistryError: an unknown ``criterion`` (filter/channel granularity).
+        TraceError: filter/channel granularity on a model that cannot be traced.
+    """
 
     def __init__(self, model: nn.Module, config_list: Sequence[Mapping[str, Any]], *,
                  rounds: int = 3, **kw: Any):
@@ -253,7 +323,11 @@ class LotteryTicketPruner(MaskPruner):
         return super().compress()
 
     def next_round(self) -> None:
-        """Prune from the trained weights, then rewind to the initial weights."""
+        """Prune from the trained weights, then rewind to the initial weights.
+
+        Raises:
+            ConfigError: all ``rounds`` rounds are done already.
+        """
         if self.round >= self.rounds:
             raise ConfigError(f"LotteryTicketPruner: all {self.rounds} rounds are done.")
         self.round += 1
@@ -264,7 +338,15 @@ class LotteryTicketPruner(MaskPruner):
 
 
 def masked_weights_are_zero(pruner: MaskPruner) -> bool:
-    """True if every masked entry of every masked tensor is exactly zero."""
+    """True if every masked entry of every masked tensor is exactly zero.
+
+    Example:
+        >>> pruner = LevelPruner(model, [{"sparsity": 0.8}])
+        >>> pruner.compress()
+        >>> ...                                 # train: opt.step(); pruner.step()
+        >>> masked_weights_are_zero(pruner)
+        True
+    """
     return all(bool((pruner._params[n][~m] == 0).all()) for n, m in pruner.masks.items())
 
 

@@ -97,6 +97,18 @@ def _stochastic_depth() -> nn.Module:
 
 C_NN = torch._C._nn
 
+class _FunctionalGroupNorm(nn.GroupNorm):
+    """A GroupNorm computing itself with F.group_norm, as timm's GroupNorm1 does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class _TorchGroupNorm(nn.GroupNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
 OP_CASES: dict[str, Case] = {
     # elementwise, one tensor
     **{f"torch.{f.__name__}": unary(f) for f in (
@@ -201,12 +213,10 @@ OP_CASES: dict[str, Case] = {
     "torch.nn.functional.instance_norm": Case(
         lambda n, x: F.instance_norm(n.a(x), weight=n.mid.weight, bias=n.mid.bias),
         make(nn.InstanceNorm2d, 8, affine=True)),
-    "torch.nn.functional.group_norm": Case(
-        lambda n, x: F.group_norm(n.a(x), n.mid.num_groups, n.mid.weight, n.mid.bias),
-        make(nn.GroupNorm, 4, 16), width=16),
-    "torch.group_norm": Case(
-        lambda n, x: torch.group_norm(n.a(x), n.mid.num_groups, n.mid.weight, n.mid.bias),
-        make(nn.GroupNorm, 4, 16), width=16),
+    "torch.nn.functional.group_norm": Case(lambda n, x: n.mid(n.a(x)),
+                                           make(_FunctionalGroupNorm, 4, 16), width=16),
+    "torch.group_norm": Case(lambda n, x: n.mid(n.a(x)), make(_TorchGroupNorm, 4, 16),
+                             width=16),
     # functional layers with a module's parameters
     "torch._C._nn.linear": Case(lambda n, x: F.linear(n.a(x), n.mid.weight, n.mid.bias),
                                 make(nn.Linear, 8, 10), "nlc"),
@@ -383,16 +393,7 @@ OP_XFAIL: dict[str, str] = {
 }
 
 # Nets on which graphprune silently builds a wrong model today: (case, op, why); xfail(strict=True).
-KNOWN_WRONG: dict[str, tuple[Case, str, str]] = {
-    "group_norm with a literal group count": (
-        Case(lambda n, x: F.group_norm(n.a(x), 4, n.mid.weight, n.mid.bias),
-             make(nn.GroupNorm, 4, 16), width=16),
-        "torch.nn.functional.group_norm",
-        "F.group_norm(x, 4, gn.weight, gn.bias) with a literal 4 that equals the owning "
-        "GroupNorm's num_groups is taken for that attribute: the plan keeps 2 of the 4 groups, the "
-        "forward still asks for 4 groups of the 8 channels left, and the pruned model differs from "
-        "the masked original by 0.14 with no freeze and no error"),
-}
+KNOWN_WRONG: dict[str, tuple[Case, str, str]] = {}
 
 # Rules that must freeze (correct by construction): the case, and text of the expected reason.
 FREEZE_CASES: dict[str, Case] = {
@@ -409,6 +410,11 @@ FREEZE_CASES: dict[str, Case] = {
                                       freezes="slice boundary"),
     "op without a rule": unary(lambda h: torch.cumsum(h, 1), prunes=False,
                                 freezes="torch.cumsum"),
+    # a group count written in another module's forward is a literal, even when it equals the
+    # GroupNorm's attribute (fx and torch.export cannot tell them apart): the width is fixed
+    "group_norm with a literal group count": Case(
+        lambda n, x: F.group_norm(n.a(x), 4, n.mid.weight, n.mid.bias), make(nn.GroupNorm, 4, 16),
+        width=16, prunes=False, freezes="literal group count"),
     "grouped functional conv": Case(lambda n, x: F.conv2d(n.a(x), n.mid.weight, groups=2),
                                     make(nn.Conv2d, 8, 6, 3, groups=2, bias=False),
                                     prunes=False, freezes="functional convolution"),

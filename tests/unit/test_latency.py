@@ -201,14 +201,26 @@ def measured(tmp_path_factory):
     return model, g, table, cache
 
 
-def measured_ratios(g, table, plans, tmp_path, repeats=3):
-    """Latency / dense of each plan on the table's clock: the median of ``repeats`` interleaved
-    runs of the dense model and every plan together."""
+def _runs_of(g, table, plans, tmp_path, repeats):
+    """Latency / dense of each plan on the table's clock, in each of ``repeats`` interleaved runs
+    of the dense model and every plan together."""
     paths = [export_variant(g, w, X64, str(tmp_path / f"v{i}.onnx")) for i, w in enumerate([{}] + plans)]
     runs = []
     for _ in range(repeats):
         ts = time_variants(paths, X64, threads=2, rounds=30)
         runs.append([t.ms(table.clock) / ts[0].ms(table.clock) for t in ts[1:]])
+    return runs
+
+
+def settled_ratios(g, table, plans, tmp_path, expected, rel):
+    """Latency / dense of each plan: the median of 3 interleaved runs, and of 4 more when one plan
+    misses ``expected`` by more than ``rel`` (a load spike on a shared machine), the median then
+    taken over all 7: a real misprediction misses both times and still fails."""
+    runs = _runs_of(g, table, plans, tmp_path, 3)
+    got = np.median(np.array(runs), axis=0)
+    if all(abs(m / e - 1) < rel for m, e in zip(got, expected)):
+        return got
+    runs += _runs_of(g, table, plans, tmp_path, 4)
     return np.median(np.array(runs), axis=0)
 
 
@@ -227,7 +239,7 @@ def test_prediction_of_pruned_nets_within_15_percent_of_measured(measured, tmp_p
     plans = [uniform_widths(dict(table.sizes), 0.5, table.round_to),
              latency_amounts(g, l1(g), 0.6, table)]
     predicted = [table.predict_ratio(w) for w in plans]
-    got = measured_ratios(g, table, plans, tmp_path)
+    got = settled_ratios(g, table, plans, tmp_path, predicted, 0.15)
     assert max(predicted) < 0.8  # the plans really are faster: the check means something
     for p, m in zip(predicted, got):
         assert abs(p / m - 1) < 0.15, (table.clock, predicted, got)
@@ -236,8 +248,114 @@ def test_prediction_of_pruned_nets_within_15_percent_of_measured(measured, tmp_p
 def test_latency_target_is_met(measured, tmp_path):
     _, g, table, _ = measured
     amounts = latency_amounts(g, l1(g), 0.5, table)
-    (got,) = measured_ratios(g, table, [amounts], tmp_path)
+    (got,) = settled_ratios(g, table, [amounts], tmp_path, [0.5], 0.15)
     assert math.isclose(got, 0.5, rel_tol=0.15), (table.clock, got)
     rep = latency_report(g, amounts, table, target=0.5, measure=False)
     assert rep.params[1] < rep.params[0] and rep.macs[1] < rep.macs[0]
     assert rep.predicted_ratio <= 0.5 + 1e-9 and rep.measured_ratio is None
+
+
+# ---------------------------------------------------------------------- prune(target_latency=...)
+def _kept(plan):
+    return {n: len(g.keep) for n, g in plan.groups.items()}
+
+
+def test_prune_allocates_under_the_latency_target(measured):
+    from tests.conftest import assert_unchanged, snapshot
+
+    model, g, table, cache = measured
+    snap = snapshot(model)
+    r = gp.prune(model, X64, target_latency=0.5, latency_table=str(cache), latency_rounds=0)
+    assert_unchanged(model, snap)
+    assert r.latency.dense_ms == table.dense_ms  # the cached table was read, not measured again
+    want = latency_amounts(g, l1(g), 0.5, table)
+    assert _kept(r.plan) == {n: k for n, k in want.items() if n in r.plan.groups}
+    assert all(want[n] == g.group(n).size for n in want if n not in r.plan.groups)
+    assert table.predict_ratio(_kept(r.plan)) <= 0.5 + 1e-9
+    assert r.latency.predicted_ratio <= 0.5 + 1e-9 and r.latency.target == 0.5
+    assert r.latency.measured_ratio is None  # latency_rounds=0: predicted only
+    assert r.plan.meta["target_latency"] == 0.5 and r.plan.meta["latency_predicted"] <= 0.5
+    assert r.report.params[1] < r.report.params[0]
+    # the widths where latency steps: a cut group keeps a multiple of the block
+    assert all(k % table.block == 0 for n, k in _kept(r.plan).items() if k < table.sizes[n])
+    # a LatencyTable object serves as the file does
+    r1 = gp.prune(model, X64, target_latency=0.5, latency_table=table, latency_rounds=0)
+    assert r1.plan == r.plan and torch.equal(r1.model(X64), r.model(X64))
+
+
+def test_selection_and_reconstruction_work_on_the_latency_counts(measured):
+    model, g, table, _ = measured
+    calib = torch.randn(24, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    base = gp.prune(model, X64, target_latency=0.6, latency_table=table, latency_rounds=0)
+    r = gp.prune(model, X64, method="greedy", reconstruct=True, calibration=calib,
+                 target_latency=0.6, latency_table=table, latency_rounds=0)
+    assert _kept(r.plan) == _kept(base.plan)  # selectors allocate on l1, then choose channels
+    assert r.plan.groups != base.plan.groups  # ... by their own rule
+    plain = gp.prune(model, X64, method="greedy", calibration=calib, target_latency=0.6,
+                     latency_table=table, latency_rounds=0)
+    err = r.report.fidelity["total"]["rel_err"]
+    assert err <= plain.report.fidelity["total"]["rel_err"] + 1e-6  # refit lowers the error
+
+
+def test_round_to_auto_follows_the_table_and_warns_from_it(measured):
+    model, g, table, _ = measured
+    r = gp.prune(model, X64, sparsity=0.3, round_to="auto", latency_table=table)
+    assert r.plan.meta["round_to"] == table.round_to
+    assert all(k % table.round_to == 0 for k in _kept(r.plan).values())
+    assert r.latency.target is None and r.latency.warning is None
+    odd = gp.prune(model, X64, sparsity=0.3, latency_table=table)  # round_to=1: 22, 45, 90, 90
+    assert odd.latency.predicted_ratio < 1 and odd.latency.warning is not None
+    assert "not multiples of" in odd.latency.warning
+    assert odd.plan.meta["latency_warning"] == odd.latency.warning
+
+
+def test_prune_measures_the_pruned_model_against_the_dense_one(measured):
+    model, g, table, _ = measured
+    r = gp.prune(model, X64, target_latency=0.5, latency_table=table, latency_rounds=5)
+    rep = r.latency
+    assert rep.measured_ms > 0 and rep.dense_measured_ms > rep.measured_ms
+    assert r.plan.meta["latency_measured"] == round(rep.measured_ratio, 4)
+    assert "measured" in str(rep) and "timed together" in str(rep)
+
+
+def test_a_table_file_of_another_model_is_refused_not_overwritten(measured, tmp_path):
+    _, _, table, _ = measured
+    path = tmp_path / "t.json"
+    table.save(path)
+    before = path.read_bytes()
+    other = nn.Sequential(_block(3, 48), nn.Conv2d(48, 8, 1)).eval()
+    with pytest.raises(LatencyTableError, match="was measured on another model"):
+        gp.prune(other, X64, target_latency=0.5, latency_table=str(path))
+    assert path.read_bytes() == before
+    with pytest.raises(LatencyTableError, match="another model"):
+        gp.prune(other, X64, target_latency=0.5, latency_table=table)
+
+
+def test_cli_prunes_to_a_latency_target_and_prints_the_table(measured, tmp_path, capsys,
+                                                             monkeypatch):
+    from graphprune.cli import main
+
+    _, g, table, cache = measured
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    spec = ["--model", "tests.unit.test_latency:small_net", "--input-shape", "1,3,64,64"]
+    out = tmp_path / "out"
+    code = main(["prune", *spec, "--data", "random", "--target-latency", "0.5", "--latency-table",
+                 str(cache), "--latency-rounds", "0", "--device", "cpu", "--no-reconstruct",
+                 "--finetune-epochs", "0", "--quantize", "none", "--exporter", "legacy",
+                 "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["meta"]["target_latency"] == 0.5 and plan["meta"]["latency_predicted"] <= 0.5
+    kept = {n: len(v["keep"]) for n, v in plan["groups"].items()}
+    assert table.predict_ratio(kept) <= 0.5 + 1e-9
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["prune"]["device"] == "cpu" and recipe["prune"]["latency_table"] == str(cache)
+    capsys.readouterr()
+    assert main(["bench", "--latency-table", str(cache), *spec]) == 0
+    shown = capsys.readouterr().out
+    assert "latency table: Sequential" in shown and f"round_to='auto' -> {table.round_to}" in shown
+    assert main(["prune", *spec, "--target-latency", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("graphprune prune: error: --target-latency must be a float in (0, 1]. Got 1.5 "
+                   "instead.")
+    assert not (tmp_path / "bad").exists()
