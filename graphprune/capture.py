@@ -11,6 +11,8 @@ captured in a second, training-mode trace. Capturing never changes the caller's 
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Any
 
 from torch import nn
@@ -106,8 +108,9 @@ def trace(model: nn.Module, example_inputs: Any, *, tracer: str = "auto",
     except TraceError as e:
         if tracer == "fx" or not isinstance(model, nn.Module):
             raise
-        try:
-            return _export_graph(model, example_inputs, f"torch.fx failed: {e}", strict)
+        try:  # a failed torch.export prints its partial graph on stderr; its error says why
+            with contextlib.redirect_stderr(io.StringIO()):
+                return _export_graph(model, example_inputs, f"torch.fx failed: {e}", strict)
         except TraceError as e2:
             try:  # the submodules that trace, each on what the model really feeds it
                 return region_graph(model, example_inputs, strict=strict,

@@ -204,12 +204,14 @@ class ChannelGraph:
 
     @property
     def tracer(self) -> str:
-        """'torch.fx' or 'torch.export'."""
+        """'torch.fx', 'torch.export', or 'regions' (traceable submodules, see ``regions``)."""
+        if any(hasattr(t, "region_inputs") for t in self.traced):
+            return "regions"
         return self.traced[0].tracer
 
     @property
     def tracer_reason(self) -> str:
-        """Why torch.export was used instead of torch.fx ('' for fx)."""
+        """Why torch.export or regions were used instead of torch.fx ('' for fx)."""
         return self.traced[0].why
 
     @property

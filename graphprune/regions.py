@@ -4,8 +4,8 @@ A detector's forward mixes traceable networks (backbone + FPN, RPN head, box hea
 with code neither torch.fx nor torch.export can capture (image lists, anchors, data-dependent
 post-processing). ``region_graph`` runs the model once on the example inputs with hooks that
 record what every submodule is really fed, traces each *maximal* traceable submodule on those
-inputs (torch.fx, or torch.export when fx fails or hides parameterised modules), and builds one
-``ChannelGraph`` from all of them:
+inputs (torch.fx, or torch.export when fx fails or hides parameterised modules; both in
+``region_capture``), and builds one ``ChannelGraph`` from all of them:
 
 - a region input that is the very tensor another region returned carries that region's channels
   (``grouping.CHANNELS_FROM``): the FPN output channels feeding the RPN head and the RoI pooling
@@ -15,7 +15,8 @@ inputs (torch.fx, or torch.export when fx fails or hides parameterised modules),
 - every prunable group is then *probed*: a quarter of its channels is removed, the whole pruned
   model runs, and every region's frozen outputs must equal those of the masked original
   (data-dependent glue values such as proposals are taken from the reference run, so that a
-  re-ordered top-k does not hide or fake a difference); failing groups are bisected and frozen.
+  re-ordered top-k does not hide or fake a difference); failing groups are bisected and frozen
+  (``region_probe``).
 
 Regions are traced in eval mode. Each region's ``Traced`` keeps the whole model's inputs in
 ``inputs`` (apply's verification runs the whole model) and its own in ``region_inputs``.
@@ -23,11 +24,7 @@ Regions are traced in eval mode. Each region's ``Traced`` keeps the whole model'
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import functools
-import io
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,13 +33,12 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import GraphPruneError, ParityError, TraceError
+from .errors import ParityError, TraceError
 from .graph import ChannelGraph
 from .grouping import CHANNELS_FROM, OUTPUT_REASON, build_graph
-from .probe import TOLERANCE
+from .region_capture import ModuleCall, capture_calls, find_regions, tensor_ids
 from .rules.elements import TInfo
-from .rules.registry import is_rule_leaf, module_rule_for
-from .trace import Traced, export_trace, normalize_inputs, preserved_state, trace_model
+from .trace import Traced, normalize_inputs, preserved_state
 
 # modules that read only the sizes of non-channel dims of their tensor inputs (anchor and
 # default-box generators read the feature maps' spatial sizes), by dotted class name
@@ -77,165 +73,6 @@ class RegionTraced(Traced):
     closed: dict[int, str] = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------------- one real forward
-@dataclass
-class _Call:
-    """One call of a module: its inputs as pytree leaves (+ spec), its output and the modules that
-    were running when it was made."""
-
-    order: int
-    leaves: list[Any]
-    spec: Any
-    output: Any
-    parents: tuple[str, ...]
-
-
-def _ids(x: Any) -> list[int]:
-    return [id(t) for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
-
-
-def capture_calls(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-                  ) -> tuple[dict[str, list[_Call]], Any, list[Any]]:
-    """Run ``model`` once (eval mode, state preserved) recording every module call.
-
-    Returns path -> calls, the model's output, and the values that must stay alive while tensor
-    ids are compared.
-    """
-    calls: dict[str, list[_Call]] = defaultdict(list)
-    active: list[str] = []
-    counter = [0]
-    pending: dict[int, list[tuple[int, tuple[str, ...]]]] = defaultdict(list)
-    handles = []
-
-    def pre(path: str, m: nn.Module, a: Any, kw: Any) -> None:
-        pending[id(m)].append((counter[0], tuple(active)))
-        counter[0] += 1
-        active.append(path)
-
-    def post(path: str, m: nn.Module, a: Any, kw: Any, out: Any) -> None:
-        active.pop()
-        order, parents = pending[id(m)].pop()
-        leaves, spec = tree_flatten((tuple(a), dict(kw)))
-        calls[path].append(_Call(order, leaves, spec, out, parents))
-
-    for path, m in model.named_modules():
-        if path:
-            handles.append(m.register_forward_pre_hook(functools.partial(pre, path),
-                                                       with_kwargs=True))
-            handles.append(m.register_forward_hook(functools.partial(post, path),
-                                                   with_kwargs=True))
-    try:
-        with preserved_state(model, "eval"):
-            y = model(*args, **kwargs)
-    except Exception as e:
-        raise TraceError(f"{type(model).__name__} does not run on the example inputs: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    finally:
-        for h in handles:
-            h.remove()
-    return dict(calls), y, [calls, y]
-
-
-# ---------------------------------------------------------------------- a region's root
-class _RegionRoot(nn.Module):
-    """The model's module tree (same children, so the same module paths) whose forward makes one
-    recorded call of one submodule: ``forward(*tensors)`` puts the tensors back among the call's
-    other arguments and calls the submodule."""
-
-    def _gp_call(self, tensors: list[Any]) -> Any:
-        leaves = list(self._gp_leaves)
-        for i, t in zip(self._gp_pos, tensors):
-            leaves[i] = t
-        args, kwargs = tree_unflatten(leaves, self._gp_spec)
-        return self.get_submodule(self._gp_path)(*args, **kwargs)
-
-
-@functools.cache
-def _root_class(n: int) -> type:
-    # torch.fx makes one placeholder per named parameter of forward (not of *args)
-    names = ", ".join(f"t{i}" for i in range(n))
-    ns: dict[str, Any] = {}
-    exec(f"def forward(self, {names}):\n    return self._gp_call([{names}])\n", ns)  # noqa: S102
-    return type(f"Region{n}", (_RegionRoot,), {"forward": ns["forward"], "__module__": __name__})
-
-
-def region_root(model: nn.Module, path: str, call: _Call) -> tuple[nn.Module, tuple[Any, ...]]:
-    """A root module that makes ``call`` of submodule ``path``, and the call's tensors."""
-    pos = [i for i, v in enumerate(call.leaves) if isinstance(v, torch.Tensor)]
-    root = _root_class(len(pos))()
-    # only the path down to the submodule: its parameters keep their names in the model, and
-    # torch.export lifts no other parameter
-    parent = root
-    parts = path.split(".")
-    for name in parts[:-1]:
-        shell = nn.Module()
-        parent._modules[name] = shell
-        parent = shell
-    parent._modules[parts[-1]] = model.get_submodule(path)
-    root._gp_path, root._gp_spec, root._gp_pos = path, call.spec, pos
-    root._gp_leaves = [None if i in set(pos) else v for i, v in enumerate(call.leaves)]
-    return root, tuple(call.leaves[i] for i in pos)
-
-
-# ---------------------------------------------------------------------- tracing regions
-def _opaque_params(model: nn.Module, t: Traced) -> list[str]:
-    mods = dict(model.named_modules())
-    return [p for p in t.leaves if p in mods and module_rule_for(mods[p]) is None
-            and any(True for _ in mods[p].parameters())]
-
-
-def _trace_region(model: nn.Module, path: str, call: _Call) -> Traced | None:
-    """torch.fx, or torch.export when fx fails or hides parameterised modules; None if neither
-    captures the whole call (its submodules are tried instead)."""
-    root, tensors = region_root(model, path, call)
-    if not tensors:
-        return None
-    try:
-        t = trace_model(root, tensors, mode="eval")
-        if not _opaque_params(root, t):
-            return t
-    except GraphPruneError:
-        pass
-    try:  # torch.export prints the partial graph of a failure on stderr: not our user's concern
-        with contextlib.redirect_stderr(io.StringIO()):
-            return export_trace(root, tensors, mode="eval")
-    except GraphPruneError:
-        return None
-
-
-def _is_candidate(m: nn.Module) -> bool:
-    has_params = any(True for _ in m.parameters())
-    return has_params or is_rule_leaf(m)
-
-
-def find_regions(model: nn.Module, calls: dict[str, list[_Call]]) -> list[tuple[str, Traced]]:
-    """The maximal submodules that trace, in call order (producers before consumers).
-
-    A submodule qualifies if it is called exactly once and every module inside it is only
-    called from within it; otherwise its children are tried.
-    """
-    paths = list(calls)
-    found: list[tuple[str, Traced]] = []
-
-    def own(path: str) -> bool:
-        inside = [p for p in paths if p.startswith(path + ".")]
-        return len(calls[path]) == 1 and all(path in c.parents for p in inside for c in calls[p])
-
-    def visit(path: str, m: nn.Module) -> None:
-        if path not in calls or not _is_candidate(m):
-            return
-        t = _trace_region(model, path, calls[path][0]) if own(path) else None
-        if t is not None:
-            found.append((path, t))
-            return
-        for name, child in m.named_children():
-            visit(f"{path}.{name}", child)
-
-    for name, child in model.named_children():
-        visit(name, child)
-    found.sort(key=lambda pt: calls[pt[0]][0].order)
-    return found
-
 
 def _io_nodes(t: Traced, n_in: int, out: Any) -> tuple[list[Any], list[Any]]:
     """The placeholders of the region's tensors and the graph values of its output leaves."""
@@ -253,16 +90,16 @@ def _describe(path: str, m: nn.Module) -> str:
 
 
 def link_regions(model: nn.Module, regions: list[tuple[str, Traced]],
-                 calls: dict[str, list[_Call]], output: Any) -> list[RegionTraced]:
+                 calls: dict[str, list[ModuleCall]], output: Any) -> list[RegionTraced]:
     """Tie each region input that another region returned to that value, and give every region
     output the reason it is frozen (None when it only feeds regions and size readers)."""
     mods = dict(model.named_modules())
     readers: dict[int, list[tuple[str, int]]] = defaultdict(list)  # tensor id -> (path, call)
     for path, cs in calls.items():
         for k, c in enumerate(cs):
-            for i in set(_ids(c.leaves)):
+            for i in set(tensor_ids(c.leaves)):
                 readers[i].append((path, k))
-    final = set(_ids(output))
+    final = set(tensor_ids(output))
     region_paths = [p for p, _ in regions]
     inside = lambda p: any(p == r or p.startswith(r + ".") for r in region_paths)  # noqa: E731
     produced: dict[int, Any] = {}  # tensor id -> graph node of the region output
@@ -296,7 +133,7 @@ def link_regions(model: nn.Module, regions: list[tuple[str, Traced]],
 
 def _output_reason(path: str, v: torch.Tensor, readers: dict[int, list[tuple[str, int]]],
                    regions: list[str], inside: Any, mods: dict[str, nn.Module], final: set[int],
-                   calls: dict[str, list[_Call]]) -> str | None:
+                   calls: dict[str, list[ModuleCall]]) -> str | None:
     if id(v) in final:
         return "model output"
     got = readers.get(id(v), [])
@@ -373,7 +210,8 @@ def structure(y: Any) -> Any:
     return type(y).__name__
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||; inf where the shapes differ, exact equality for integer tensors."""
     if a.shape != b.shape:
         return float("inf")
     if not a.is_floating_point():
@@ -398,7 +236,7 @@ def compare_regions(graph: ChannelGraph, model: nn.Module, reference: nn.Module)
         for k in r.closed:
             a, b = out.get(r.region, []), ref_out.get(r.region, [])
             if k < len(a) and k < len(b) and isinstance(b[k], torch.Tensor):
-                errs[f"{r.region}[{k}]"] = _rel(a[k], b[k])
+                errs[f"{r.region}[{k}]"] = rel_error(a[k], b[k])
     return errs
 
 
@@ -461,116 +299,6 @@ def verify_regions(graph: ChannelGraph, new: nn.Module, shapes: dict) -> None:
                               "ignore=[...].")
 
 
-# ---------------------------------------------------------------------- the probe
-def _masked(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    m = copy.deepcopy(model)
-    sd = m.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for k, mk in masks.items():
-            sd[k].mul_(mk.to(sd[k].dtype))
-    return m
-
-
-def _differs(what: str, a: Any, b: Any, values: bool) -> str | None:
-    if not isinstance(b, torch.Tensor):
-        return None
-    if not isinstance(a, torch.Tensor) or a.shape != b.shape:
-        return f"{what} changes shape"
-    err = _rel(a, b)
-    if values and err > TOLERANCE:
-        return f"{what} differs from the masked original by {err:.1e}"
-    return None
-
-
-def _probe_keep(n: int) -> tuple[int, ...]:
-    """A quarter of the channels, spread out and at both ends (code that reads ``x[:, :k]`` or
-    ``x[:, -k:]`` sees other channels)."""
-    gone = set(range(0, n, 4)) | {n - 1}
-    keep = tuple(i for i in range(n) if i not in gone)
-    return keep or (n - 1,)
-
-
-def _perturbed(model: nn.Module, scale: float = 1e-5) -> nn.Module:
-    """A copy whose parameters are scaled by 1 + ``scale`` * noise (zeros stay zeros)."""
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.is_floating_point():
-                p.mul_(1 + scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return m
-
-
-def _leaves(run: tuple[dict, dict, Any], regions: list[RegionTraced]) -> dict[str, Any]:
-    """What a probe compares: every frozen region output, every region input made by untraceable
-    code (as the model computed it) and every leaf of the model's output."""
-    got_in, got_out, y = run
-    out = {f"output {k} of the model": v for k, v in enumerate(tree_flatten(y)[0])}
-    for r in regions:
-        ins, outs = got_in.get(r.region, []), got_out.get(r.region, [])
-        out.update({f"input {k} of region '{r.region}'": v for k, v in enumerate(ins)
-                    if k not in r.linked})
-        out.update({f"output {k} of region '{r.region}'": outs[k] for k in r.closed if k < len(outs)})
-    return out
-
-
-def _fails(graph: ChannelGraph, groups: list[Any]) -> str | None:
-    """Why removing about a quarter of ``groups``' channels breaks the model, or None.
-
-    The pruned model must run and keep the structure of its output, and every value
-    ``_leaves`` names must be the masked original's, except values that are not stable: those
-    that change when the masked original's weights are perturbed by 1e-5 (a top-k or an NMS
-    that flips on rounding noise), which cannot tell a wrong pruning from noise. Regions are fed
-    the masked original's boxes, so that their outputs stay comparable when a selection flips.
-    """
-    from .apply.shrink import apply_plan
-    from .plan import GroupPlan, Plan
-
-    plan = Plan({g.name: GroupPlan(g.size, _probe_keep(g.size)) for g in groups})
-    regions = [t for t in graph.traced if isinstance(t, RegionTraced)]
-    inputs = regions[0].inputs
-    try:
-        applied = apply_plan(graph, plan, verify=False)
-        masked = _masked(graph.model, applied.masks)
-        ref = run_regions(masked, regions, inputs)
-        pert = run_regions(_perturbed(masked), regions, inputs, reference=ref[0])
-        got = run_regions(applied.model, regions, inputs, reference=ref[0])
-    except Exception as e:  # the model's own code no longer runs: that is the finding
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if structure(got[2]) != structure(ref[2]):
-        return "the model's output changes structure"
-    values = not any(g.value_coupled for g in groups)
-    want, noisy, have = _leaves(ref, regions), _leaves(pert, regions), _leaves(got, regions)
-    for what, b in want.items():
-        if not isinstance(b, torch.Tensor) or _differs(what, noisy.get(what), b, True):
-            continue  # not a tensor, or not stable under noise
-        why = _differs(what, have.get(what), b, values)
-        if why is not None:
-            return why
-    return None
-
-
-def probe_regions(graph: ChannelGraph) -> dict[str, str]:
-    """Prunable groups of a region graph whose removal breaks the whole model or changes a
-    frozen region output: group name -> why (``graph.with_frozen`` applies it)."""
-    frozen: dict[str, str] = {}
-
-    def visit(gs: list[Any]) -> None:
-        why = _fails(graph, gs)
-        if why is None:
-            return
-        if len(gs) == 1:
-            frozen[gs[0].name] = why
-            return
-        visit(gs[:len(gs) // 2])
-        visit(gs[len(gs) // 2:])
-
-    if graph.prunable_groups:
-        visit(list(graph.prunable_groups))
-    return {n: f"pruning it breaks the model outside the traced regions ({why})"[:300]
-            for n, why in frozen.items()}
-
-
 # ---------------------------------------------------------------------- the entry point
 def region_graph(model: nn.Module, example_inputs: Any, *, why: str = "requested",
                  strict: bool = False) -> ChannelGraph:
@@ -598,6 +326,8 @@ def region_graph(model: nn.Module, example_inputs: Any, *, why: str = "requested
                for k, r in enumerate(regions)]
     del keep
     g = build_graph(model, regions, strict=strict)
+    from .region_probe import probe_regions  # it runs regions: it imports this module
+
     return g.with_frozen(probe_regions(g))
 
 

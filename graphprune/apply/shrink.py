@@ -167,7 +167,11 @@ def apply_plan(graph: ChannelGraph, plan: Plan, *, inplace: bool = False,
     _resize_modules(graph, mods, shapes, pruned_owners)
     if verify is None:
         verify = checks().verify
-    if verify == "full":
+    if verify and graph.tracer == "regions":
+        from ..regions import verify_regions  # the whole model runs natively once
+
+        verify_regions(graph, new, shapes)
+    elif verify == "full":
         verify_shapes(graph, new, shapes)
     elif verify:
         verify_layers(graph, new, shapes)

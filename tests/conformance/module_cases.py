@@ -21,6 +21,24 @@ def _cell(n: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return state[0] if isinstance(n.mid, nn.LSTMCell) else state
 
 
+def _roi_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """An image batch (2, 3, 6, 6) and four boxes (batch index, x1, y1, x2, y2) in its pixels."""
+    g = torch.Generator().manual_seed(7)
+    rois = torch.tensor([[0, 0.0, 0.0, 4.0, 4.0], [0, 1.0, 2.0, 5.5, 6.0],
+                         [1, 0.5, 0.5, 3.0, 5.0], [1, 2.0, 1.0, 6.0, 4.5]])
+    return torch.randn(2, 3, 6, 6, generator=g), rois
+
+
+def _roi(n: nn.Module, x: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+    return n.mid(n.a(x), rois)
+
+
+def _multiscale_roi(n: nn.Module, x: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+    """Two levels (6x6 and 3x3, on a 24x24 image) and a third one the module does not pool."""
+    feats = {"0": n.a(x), "1": torch.nn.functional.max_pool2d(n.b(x), 2), "pool": n.c(x)}
+    return n.mid(feats, [rois[:2, 1:] * 4, rois[2:, 1:] * 4], [(24, 24), (24, 24)])
+
+
 def _encoder_layer() -> nn.Module:
     return nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
 
@@ -113,6 +131,20 @@ MODULE_CASES: dict[type | str, Case] = {
     nn.GRUCell: Case(_cell, make(nn.GRUCell, 8, 6), "nlc"),
     nn.RNNCell: Case(_cell, make(nn.RNNCell, 8, 6), "nlc"),
     # classes of optional libraries, registered by dotted name
+    # torchvision's RoI pooling (box / mask heads of detectors): (K, C, h, w) with the input's C
+    "torchvision.ops.roi_align.RoIAlign": Case(
+        _roi, optional("torchvision.ops.RoIAlign", 2, 1.0, 2, aligned=True), inputs=_roi_inputs),
+    "torchvision.ops.roi_pool.RoIPool": Case(
+        _roi, optional("torchvision.ops.RoIPool", 2, 1.0), inputs=_roi_inputs),
+    # every pooled level is one channel axis; the level it does not pool ('pool') stays free
+    "torchvision.ops.poolers.MultiScaleRoIAlign": Case(
+        _multiscale_roi, optional("torchvision.ops.MultiScaleRoIAlign", ["0", "1"], 2, 2),
+        inputs=_roi_inputs),
+    # position-sensitive: output channel c pools input channels c*h*w .. (c+1)*h*w - 1 -> frozen
+    **{f"torchvision.ops.{mod}.{cls}": Case(
+        _roi, optional(f"torchvision.ops.{cls}", 2, 1.0, *extra), inputs=_roi_inputs,
+        prunes=False, freezes="position-sensitive RoI pooling")
+       for mod, cls, extra in (("ps_roi_align", "PSRoIAlign", (2,)), ("ps_roi_pool", "PSRoIPool", ()))},
     "transformers.pytorch_utils.Conv1D": module_case(optional("transformers.pytorch_utils.Conv1D", 10, 8),
                                               "nlc"),
 }

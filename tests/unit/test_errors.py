@@ -163,7 +163,12 @@ def test_not_a_module_and_untraceable_root():
             return x
 
     with pytest.raises(TraceError, match="could not trace Dyn"):
-        gp.trace(Dyn(), X32)
+        gp.trace(Dyn(), X32, tracer="fx")
+    # auto falls back to the submodules that trace, as regions: the conv feeds the output
+    g = gp.trace(Dyn(), X32.abs())
+    assert g.tracer == "regions" and not g.prunable_groups
+    with pytest.raises(TraceError, match="could not trace Dyn(.|\n)*no submodule of Dyn"):
+        gp.trace(Dyn(), -X32.abs())  # the conv never runs: nothing to capture
 
 
 class SamePad(nn.Module):

@@ -139,7 +139,7 @@ def test_regions_and_their_boundaries():
 def test_toy_detector_prunes_as_regions(tmp_path):
     model = _model()
     fresh, snap = copy.deepcopy(model), snapshot(model)
-    r = gp.prune(model, X, sparsity=0.5, method="l1", verify=False)
+    r = gp.prune(model, X, sparsity=0.5, method="l1")
     regions.verify_regions(r.graph, r.model, r._applied.shapes)
     assert_unchanged(model, snap)
     assert r.report.params[1] < 0.6 * r.report.params[0]
@@ -152,7 +152,7 @@ def test_toy_detector_prunes_as_regions(tmp_path):
     assert set(errs) == {"head[0]", "head[1]", "head[2]", "head[3]", "box_head[0]"}
     assert max(errs.values()) < 1e-5
     gp.save_masks(r.masks, tmp_path / "m.safetensors", plan=r.plan)
-    small = gp.apply_masks(fresh, tmp_path / "m.safetensors", X, verify=False)
+    small = gp.apply_masks(fresh, tmp_path / "m.safetensors", X)
     assert_same_state(small, r.model)
     assert max(regions.compare_regions(r.graph, small, r.model).values()) == 0.0
 
@@ -173,7 +173,7 @@ def test_probe_freezes_channels_plain_code_reads():
     # every other group passed the probe, and pruning them leaves the model's output intact
     model = _model("plain")
     plan = gp.make_plan(g, sparsity=0.5, method="l1")
-    applied = gp.apply_plan(g, plan, verify=False)
+    applied = gp.apply_plan(g, plan)
     shapes = expected_shapes(g, comp_keep_for(g, plan))
     regions.verify_regions(g, applied.model, shapes)
     with torch.no_grad():

@@ -127,7 +127,7 @@ def test_torchvision_detector_prunes_as_regions(name, tmp_path):
     model = healthy_init(tv.models.get_model(name, weights=None, weights_backbone=None, **kwargs)).eval()
     x = (list(photos(1, 320)),)
     fresh, snap = copy.deepcopy(model), snapshot(model)
-    r = gp.prune(model, x, sparsity=0.5, method="l1", verify=False)
+    r = gp.prune(model, x, sparsity=0.5, method="l1")
     regions.verify_regions(r.graph, r.model, r._applied.shapes)
     assert r.graph.tracer_reason.startswith("captured as regions")
     assert expected <= {t.region for t in r.graph.traced}
@@ -142,7 +142,7 @@ def test_torchvision_detector_prunes_as_regions(name, tmp_path):
     errs = regions.compare_regions(r.graph, r.model, masked_copy(model, r.masks))
     assert errs and max(errs.values()) < 1e-4, errs
     gp.save_masks(r.masks, tmp_path / "m.safetensors", plan=r.plan)
-    small = gp.apply_masks(fresh, tmp_path / "m.safetensors", x, verify=False)
+    small = gp.apply_masks(fresh, tmp_path / "m.safetensors", x)
     assert_same_state(small, r.model)
     assert max(regions.compare_regions(r.graph, small, r.model).values()) == 0.0
     del fresh, small
