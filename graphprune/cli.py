@@ -448,15 +448,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     pp = sub.add_parser("prune", help="prune, fine-tune, quantize, export: the main job")
     pp.add_argument("--model", default=None,
-                    help="SPEC: a models/ name (digits, resnet56...), torchvision:NAME, timm:NAME "
-                         "or package.module:callable (default: the embedded digits classifier)")
-    pp.add_argument("--input-shape", help="example input shape, batch first, e.g. 1,3,224,224")
+                    help="SPEC: a models/ name (digits, resnet56...), torchvision:NAME, timm:NAME, "
+                         "hf:DIR (a local save_pretrained directory with its tokenizer) or "
+                         "package.module:callable (default: the embedded digits classifier)")
+    pp.add_argument("--input-shape", help="example input shape, batch first, e.g. 1,3,224,224 "
+                                          "(a language model: 1,SEQ_LEN, the window length)")
     pp.add_argument("--weights", help="weights to load: .safetensors, or a state dict (.pt/.pth, "
                                      "read with weights_only=True)")
     pp.add_argument("--data", help="digits (scikit-learn's 8x8 digits: a fixed stratified split, "
                                    "standardised with the train split's statistics; --seed does "
                                    "not change it), photos (crops of scikit-learn's sample "
-                                   "photos), random, a .npz/.npy file or a folder of images")
+                                   "photos), random, a .npz/.npy file, a folder of images, or "
+                                   "a text file (.txt, .md, .rst) for an hf: language model")
     from .recipe import _main_job_prune
 
     add_arguments(pp, shown=_main_job_prune())

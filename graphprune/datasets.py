@@ -72,6 +72,12 @@ def load_data(spec: str, input_shape: tuple[int, ...] | None = None, *, max_item
     if spec == "digits":
         xtr, ytr, xte, yte = digits()
         return xtr, ytr, xte, yte
+    if spec.lower().endswith((".txt", ".text", ".md", ".rst")):
+        raise InputError(f"The data source '{spec}' is a text file: text calibrates a Hugging Face "
+                         "causal language model loaded from a local directory (model spec "
+                         "'hf:DIR'). This model takes tensors"
+                         + (f" of shape {tuple(input_shape)}" if input_shape else "")
+                         + ": give 'digits', a .npz/.npy file or a folder of images.", param="data")
     if not os.path.exists(spec):
         raise InputError(f"The data source '{spec}' does not exist (expected 'digits', a .npz/.npy "
                          "file or a folder of images).", param="data")

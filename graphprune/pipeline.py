@@ -1,5 +1,6 @@
 """The main job, end to end: model -> (train the embedded default) -> prune (+ reconstruct) ->
-fine-tune -> quantize -> (code) -> export -> run in onnxruntime -> report.
+fine-tune -> quantize -> (code) -> export -> run in onnxruntime -> report. A Hugging Face causal
+language model (``hf:DIR``) takes a text file and is measured in perplexity: ``lm.job.run_lm``.
 
 ``run(recipe, out_dir)`` writes ``model.onnx``, ``masks.safetensors``, ``plan.json``,
 ``report.json``, ``report.md``, ``recipe.json``, ``model.safetensors`` (the pruned weights),
@@ -140,6 +141,12 @@ def run(recipe: Recipe, out_dir: str, *, log: Log | None = None,
     times: dict[str, float] = {}
     torch.manual_seed(recipe.seed)
     model, shape = load_model(recipe.model.spec)
+    from .hf import is_hf_model
+
+    if is_hf_model(model):  # a language model: text in, perplexity out (graphprune.lm.job)
+        from .lm.job import run_lm
+
+        return run_lm(recipe, model, out_dir, log=log, progress=progress)
     if recipe.model.input_shape:
         shape = tuple(recipe.model.input_shape)
     if shape is None:
@@ -182,6 +189,7 @@ def run(recipe: Recipe, out_dir: str, *, log: Log | None = None,
     elif recipe.finetune.epochs:
         log("no labels in the data: fine-tuning skipped")
 
+    pruned = pruned.cpu()  # exported, coded and evaluated in onnxruntime from the CPU
     q = recipe.quantize.mode
     with tempfile.TemporaryDirectory(prefix="gp-run-") as tmp:
         # ------------------------------------------------------------------ dense reference
@@ -230,6 +238,7 @@ def run(recipe: Recipe, out_dir: str, *, log: Log | None = None,
             atomic_write_text(os.path.join(stage, "report.md"), report_markdown(report))
             atomic_write_text(os.path.join(stage, "recipe.json"),
                               json.dumps(recipe.to_dict(), indent=1) + "\n")
+            report["files"] = sorted(set(os.listdir(stage)) | {"report.json"})
 
         log("exporting" + (" (int8, calibrating activations)" if q == "int8" else ""))
         return export_bundle(out_dir, pruned, example, result=r,
@@ -332,21 +341,36 @@ def _fmt(v: Any, kind: str = "") -> str:
         return f"{100 * v:.2f}%"
     if kind == "ms":
         return f"{v:.3f} ms"
+    if kind == "rate":
+        return f"{v:,.0f}"
+    if kind == "ppl":
+        return f"{v:,.2f}"
     if isinstance(v, int):
         return f"{v:,}"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+_ROWS = (("params", "parameters", ""), ("macs", "MACs", ""), ("onnx_bytes", "ONNX bytes on disk", ""),
+         ("ort_latency_ms", "onnxruntime latency (batch 1, median)", "ms"),
+         ("accuracy_torch", "accuracy, PyTorch", "acc"), ("accuracy_ort", "accuracy, onnxruntime", "acc"))
+_LM_ROWS = (("params", "parameters", ""), ("block_params", "attention + MLP parameters", ""),
+            ("onnx_bytes", "ONNX bytes on disk (fp32)", ""),
+            ("int8_bytes", "ONNX bytes, int8 weight-only", ""),
+            ("ort_tokens_per_s", "onnxruntime tokens/s (fp32, median)", "rate"),
+            ("perplexity_torch", "held-out perplexity, PyTorch", "ppl"),
+            ("perplexity_ort", "held-out perplexity, onnxruntime", "ppl"),
+            ("perplexity_ort_int8", "held-out perplexity, onnxruntime int8", "ppl"))
 
 
 def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(quantity, before, after, after/before) rows of the summary table."""
     b, a = report["before"], report["after"]
     rows = []
-    for key, label, kind in (("params", "parameters", ""), ("macs", "MACs", ""),
-                             ("onnx_bytes", "ONNX bytes on disk", ""),
-                             ("ort_latency_ms", "onnxruntime latency (batch 1, median)", "ms"),
-                             ("accuracy_torch", "accuracy, PyTorch", "acc"),
-                             ("accuracy_ort", "accuracy, onnxruntime", "acc")):
+    lm = "perplexity_torch" in b
+    for key, label, kind in _LM_ROWS if lm else _ROWS:
         bv, av = b.get(key), a.get(key)
+        if lm and bv is None and av is None:
+            continue
         ratio = f"{av / bv:.3f}" if isinstance(av, (int, float)) and isinstance(bv, (int, float)) \
             and bv and kind != "acc" else ""
         rows.append((label, _fmt(bv, kind), _fmt(av, kind), ratio))
@@ -368,6 +392,12 @@ def report_markdown(report: dict[str, Any]) -> str:
     acc_p = report["after"].get("accuracy_torch_pruned")
     if acc_p is not None:
         lines += ["", f"Accuracy right after pruning (before fine-tuning): {100 * acc_p:.2f}%."]
+    ppl_p, text = report["after"].get("perplexity_torch_pruned"), report.get("text")
+    if ppl_p is not None and text:
+        lines += ["", f"Perplexity right after pruning (before fine-tuning): {ppl_p:.2f}. Text: "
+                      f"{text['tokens']:,} tokens, {text['calibration_windows']} calibration windows of "
+                      f"{text['seq_len']}, {text['held_out_windows']} held-out windows from its last "
+                      f"{text['held_out_tokens']:,} tokens."]
     lines += ["", "## Channels per group", "", "| group | before | after | note |",
               "| --- | ---: | ---: | --- |"]
     for g in report["groups"]:

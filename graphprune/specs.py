@@ -1,5 +1,6 @@
 """Resolve a model SPEC ('torchvision:resnet50', 'timm:vit_tiny_patch16_224',
-'package.module:callable', or a name from the repository's ``models/`` zoo) and load weights."""
+'package.module:callable', 'hf:DIR' for a local Hugging Face ``save_pretrained`` directory, or a
+name from the repository's ``models/`` zoo) and load weights."""
 
 from __future__ import annotations
 
@@ -23,7 +24,18 @@ def _zoo() -> dict[str, Any]:
 
 
 def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
-    """Build the model named by ``spec`` (random init) and its default input shape, if known."""
+    """Build the model named by ``spec`` (random init; a Hugging Face directory with its own
+    weights) and its default input shape, if known (None for Hugging Face models: their inputs
+    are keyword tensors, see ``graphprune.hf.example_inputs``).
+
+    Example:
+        >>> model, shape = load_model("torchvision:resnet18")   # (ResNet, None)
+        >>> llama, _ = load_model("hf:out/tiny-llama")          # LlamaForCausalLM from the folder
+
+    Raises:
+        ConfigError: an unknown model, a missing package, or a directory that is not a
+            Hugging Face model.
+    """
     if not isinstance(spec, str) or not spec:
         raise ConfigError(f"The model spec must be a non-empty string. Got {spec!r} instead.",
                           param="model")
@@ -34,9 +46,17 @@ def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
             fn, shape = zoo[spec]
             return fn().eval(), tuple(shape)
         raise ConfigError(
-            f"Unknown model '{spec}'. Use 'torchvision:NAME', 'timm:NAME', "
+            f"Unknown model '{spec}'. Use 'torchvision:NAME', 'timm:NAME', 'hf:DIR', "
             f"'package.module:callable' or one of: {', '.join(sorted(zoo))}."
             f"{did_you_mean(spec, zoo)}")
+    if kind == "hf":
+        from .hf.loading import load
+
+        if not os.path.isdir(name):
+            raise ConfigError(f"The Hugging Face model directory '{name}' of model spec '{spec}' does "
+                              "not exist (write one with model.save_pretrained(dir); nothing is "
+                              "downloaded).", param="model")
+        return load(name), None
     if kind == "torchvision":
         try:
             import torchvision

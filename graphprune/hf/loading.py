@@ -7,10 +7,12 @@ ever downloaded: ``load`` reads a local directory only.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,6 +33,20 @@ def transformers_module() -> Any:
         raise ConfigError("Hugging Face models need transformers, which is not installed: pip "
                           "install 'graphprune[hf]'.") from e
     return transformers
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """Silence transformers' progress bars (loading weights) inside the block, then restore."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def is_hf_model(model: Any) -> bool:
@@ -79,7 +95,8 @@ def load(path: str | os.PathLike) -> nn.Module:
     if cls is None:
         cls = T.AutoModel
     try:
-        model = cls.from_pretrained(path, local_files_only=True)
+        with no_progress_bars():
+            model = cls.from_pretrained(path, local_files_only=True)
     except Exception as e:
         raise ConfigError(f"cannot load the Hugging Face model in '{path}' with {cls.__name__}: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",

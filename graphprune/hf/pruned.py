@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError, MaskFileError
 from ..io import atomic_write_text, staged_dir
-from .loading import transformers_module
+from .loading import no_progress_bars, transformers_module
 
 FORMAT = "graphprune.hf-pruned"
 VERSION = 1
@@ -205,7 +205,8 @@ def save_pruned(model: Any, path: str | os.PathLike, *, result: Any = None) -> s
     exact = update_config(model)
     ref = _reference(model, model.config)
     with staged_dir(path) as stage:
-        model.save_pretrained(stage, safe_serialization=True)
+        with no_progress_bars():
+            model.save_pretrained(stage, safe_serialization=True)
         info = {"format": FORMAT, "version": VERSION, "architecture": type(model).__name__,
                 "config_is_exact": exact}
         if not exact:
@@ -268,7 +269,8 @@ def load_pruned(path: str | os.PathLike) -> nn.Module:
         raise ConfigError(f"transformers has no class '{info.get('architecture')}' (from "
                           f"'{path}/graphprune.json').")
     if info.get("config_is_exact"):
-        return cls.from_pretrained(path, local_files_only=True).eval()
+        with no_progress_bars():
+            return cls.from_pretrained(path, local_files_only=True).eval()
     config = T.AutoConfig.from_pretrained(path, local_files_only=True)
     with _no_init():
         model = cls(config)

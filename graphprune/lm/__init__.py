@@ -15,6 +15,8 @@ need them import them and raise a ConfigError naming the ``hf`` extra when they 
 from .cache import cache_root
 from .calib import corpus_calibration, random_windows, text_calibration
 from .corpus import Corpus, Document, make_corpus, stdlib_corpus, stdlib_documents
+from .job import model_tokenizer, text_data
+from .pruning import prune_lm
 from .eval import logits_of, mean_nll, nll, perplexity, tokens_per_second, unigram_perplexity
 from .tokenizer import ByteTokenizer, encode, encode_documents, load_tokenizer, train_tokenizer
 from .toy import ToyLanguage, toy_decoder, toy_language, train_toy_decoder
@@ -23,7 +25,8 @@ from .train import LMSpec, TrainedLM, llama_config, pretrained_lm, train_causal_
 __all__ = [
     "ByteTokenizer", "Corpus", "Document", "LMSpec", "ToyLanguage", "TrainedLM", "cache_root",
     "corpus_calibration", "encode", "encode_documents", "llama_config", "load_tokenizer",
-    "logits_of", "make_corpus", "mean_nll", "nll", "perplexity", "pretrained_lm", "random_windows",
+    "logits_of", "make_corpus", "mean_nll", "model_tokenizer", "nll", "perplexity", "pretrained_lm",
+    "prune_lm", "random_windows", "text_data",
     "stdlib_corpus", "stdlib_documents", "text_calibration", "tokens_per_second", "toy_decoder",
     "toy_language", "train_causal_lm", "train_tokenizer", "train_toy_decoder", "unigram_perplexity",
 ]

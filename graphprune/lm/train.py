@@ -9,7 +9,6 @@ with the spec and the measured figures), renamed into place in one step.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -198,18 +197,11 @@ def _measure(lm: TrainedLM) -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
 def _no_progress_bars():
     """Silence transformers' progress bars while saving/loading, then restore the setting."""
-    from transformers.utils import logging as hf_logging
+    from ..hf.loading import no_progress_bars
 
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
+    return no_progress_bars()
 
 
 def _load(path: str, spec: LMSpec, corpus: Corpus) -> TrainedLM:
