@@ -202,7 +202,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     r = recipe
     t = Table(title=f"{report['model']}: {r.prune.method}" + (" + reconstruction" if r.prune.reconstruct
                                                              else "")
-              + f", fine-tune {r.finetune.epochs} ep, {report['after']['precision']}")
+              + (f", fine-tune {r.finetune.epochs} ep" if "finetune" in report.get("timings_s", {})
+                 else ", no fine-tune") + f", {report['after']['precision']}")
     for c in ("", "before", "after", "after/before"):
         t.add_column(c, justify="left" if not c else "right")
     for row in table_rows(report):

@@ -55,6 +55,8 @@ def load_data(recipe: Recipe, input_shape: tuple[int, ...]) -> Data:
                else "random")
     g = torch.Generator().manual_seed(recipe.seed)
     n_cal, n_eval = recipe.data.calibration_samples, recipe.data.eval_samples
+    if n_cal is None:  # ImageNet-size images: 64 keep data-driven pruning to minutes on a CPU
+        n_cal = 64 if len(input_shape) == 4 and input_shape[2] * input_shape[3] >= 160 * 160 else 256
     if src == "photos":
         cx = sample_crops(n_cal, size=input_shape[2], seed=recipe.seed)
         ex = sample_crops(min(n_eval, 32), size=input_shape[2], seed=recipe.seed + 1)

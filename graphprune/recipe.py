@@ -27,7 +27,8 @@ class ModelStage:
 @dataclass
 class DataStage:
     source: str | None = None  # digits, photos, random, a .npz/.npy file or an image folder
-    calibration_samples: int = 256
+    # None: 256, or 64 for ImageNet-size inputs (>= 160x160 pixels: the main job stays minutes on a CPU)
+    calibration_samples: int | None = None
     eval_samples: int = 2048
 
 
@@ -146,7 +147,8 @@ class Recipe:
                               f"{type(self.prune).__name__} instead.")
         check_int(self.finetune.epochs, "epochs", "the finetune stage")
         check_int(self.model.train_epochs, "train_epochs", "the model stage")
-        check_int(self.data.calibration_samples, "calibration_samples", "the data stage", low=1)
+        if self.data.calibration_samples is not None:
+            check_int(self.data.calibration_samples, "calibration_samples", "the data stage", low=1)
         check_choice(self.quantize.mode, "mode", "the quantize stage", ("none", "int8"))
         check_choice(self.export.exporter, "exporter", "the export stage",
                      ("auto", "dynamo", "legacy"))

@@ -163,8 +163,9 @@ def meet_latency(graph: Any, scores: Mapping[str, Any], target: float, table: La
                  rounds: int = 20, **options: Any) -> tuple[dict[str, int], LatencyReport]:
     """``latency_amounts`` closed by measurement: allocate, time the pruned model against the
     dense one, and while the measured ratio misses ``target`` by more than ``tolerance``
-    (relative), allocate again for the target scaled by predicted / measured (at most
-    ``max_rounds`` times). Returns the amounts and the report of the last measured model.
+    (relative), allocate again for the target scaled by predicted / measured, then on the secant
+    through the last two (predicted, measured) pairs (at most ``max_rounds`` times). Returns the
+    amounts and the report of the measured model closest to the target.
 
     Example:
         >>> amounts, rep = meet_latency(g, scores, 0.5, table, example_inputs=x)
@@ -172,7 +173,7 @@ def meet_latency(graph: Any, scores: Mapping[str, Any], target: float, table: La
     """
     from .allocate import latency_amounts
 
-    aim, best = float(target), None
+    aim, best, seen = float(target), None, []
     for _ in range(max_rounds + 1):
         amounts = latency_amounts(graph, scores, min(1.0, aim), table, **options)
         rep = latency_report(graph, amounts, table, target=target, example_inputs=example_inputs,
@@ -182,5 +183,11 @@ def meet_latency(graph: Any, scores: Mapping[str, Any], target: float, table: La
             best = (amounts, rep, err)
         if abs(err) <= tolerance:
             break
-        aim *= rep.predicted_ratio / rep.measured_ratio
+        seen.append((rep.predicted_ratio, rep.measured_ratio))
+        (p1, m1), (p2, m2) = seen[-2] if len(seen) > 1 else (0.0, 0.0), seen[-1]
+        if len(seen) > 1 and abs(m2 - m1) > 1e-3:  # secant through the last two measurements:
+            aim = p2 + (target - m2) * (p2 - p1) / (m2 - m1)  # the table's error need not be a ratio
+        else:
+            aim *= rep.predicted_ratio / rep.measured_ratio
+        aim = min(1.0, max(aim, 0.02))
     return best[0], best[1]

@@ -208,7 +208,7 @@ def run_lm(recipe: Any, model: nn.Module, out_dir: str, *, log: Log | None = Non
     t_start = time.perf_counter()
     times: dict[str, float] = {}
     L = seq_len_for(model, recipe.model.input_shape)
-    data = text_data(source, tok, n_samples=recipe.data.calibration_samples, seq_len=L,
+    data = text_data(source, tok, n_samples=recipe.data.calibration_samples or 256, seq_len=L,
                      seed=recipe.seed, vocab_size=int(model.config.vocab_size), log=log)
     max_w = max(1, recipe.data.eval_samples)
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .._np import unique
 from ..errors import unknown_name
 from .configs import DoReFa, FixedPoint, KMeans, Linear, Naive, QuantConfig
 from .tensor import QuantizedTensor
@@ -120,7 +121,7 @@ def kmeans(w: torch.Tensor, cfg: KMeans, axis: int) -> QuantizedTensor:
     nz = flat != 0 if cfg.keep_zeros else np.ones(flat.shape, dtype=bool)
     k = (1 << cfg.bits) - (1 if cfg.keep_zeros else 0)
     vals = flat[nz]
-    uniq = np.unique(vals)
+    uniq = unique(vals)  # sort-based: np.unique is slow on millions of distinct floats
     codes = np.zeros(flat.shape, dtype=np.int32)
     if uniq.size <= k:  # fewer distinct values than levels: each value is its own centroid
         centers = uniq

@@ -304,9 +304,15 @@ def test_round_to_auto_follows_the_table_and_warns_from_it(measured):
     assert all(k % table.round_to == 0 for k in _kept(r.plan).values())
     assert r.latency.target is None and r.latency.warning is None
     odd = gp.prune(model, X64, sparsity=0.3, latency_table=table)  # round_to=1: 22, 45, 90, 90
-    assert odd.latency.predicted_ratio < 1 and odd.latency.warning is not None
-    assert "not multiples of" in odd.latency.warning
-    assert odd.plan.meta["latency_warning"] == odd.latency.warning
+    assert odd.latency.predicted_ratio < 1
+    # the warning quotes what this machine measured: unaligned uniform prunings slower than dense
+    slow = [q for r, pts in table.uniform_ratios().items() if r == 1 for _, q in pts if q >= 1.0]
+    if slow and table.round_to > 1:
+        assert "not multiples of" in odd.latency.warning
+        assert f"{max(slow):.2f}x" in odd.latency.warning
+    else:  # a busy machine may time no slowdown: then there is nothing to warn about
+        assert odd.latency.warning is None
+    assert odd.plan.meta.get("latency_warning") == odd.latency.warning
 
 
 def test_prune_measures_the_pruned_model_against_the_dense_one(measured):
