@@ -213,6 +213,8 @@ def swin_attention(b: Builder, node: fx.Node, m: Any = None) -> Any:
     if not owner or type(owner[0][1]).__name__ not in _SWAPPABLE:
         b.freeze(h, f"{why}: heads can only go inside torchvision's ShiftedWindowAttention (V1), "
                     "whose forward graphprune replaces")
+        # torchvision's own forward splits heads with C // num_heads: the width C is pinned too
+        b.freeze(oa.elems(), f"{why}: torchvision's forward reads head_dim as C // num_heads")
     for w in (qkv_w, proj_w):
         b.set_roles(w, {0: "out", 1: "in"})
     for bias in (qkv_b, proj_b):
