@@ -209,6 +209,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for row in table_rows(report):
         t.add_row(*row)
     con.print(t)
+    for w in report.get("warnings", []):
+        con.print(f"warning: {w}")
     files = report.get("files") or sorted(f for f in os.listdir(args.out) if not f.startswith("."))
     con.print(f"wrote {os.path.abspath(args.out)}/: {', '.join(files)}")
     return 0

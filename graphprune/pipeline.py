@@ -237,6 +237,16 @@ def run(recipe: Recipe, out_dir: str, *, log: Log | None = None,
                              if coded else {})},
                 "timings_s": {**times, "total": time.perf_counter() - t_start},
             })
+            slower = lat_final["p50"] / lat_dense["p50"] if lat_dense["p50"] else 0.0
+            if slower >= 1.0:  # pruning should never make the shipped model slower by accident
+                from .latency.allocate import default_round_to
+
+                report["warnings"] = [
+                    f"the pruned model ran {slower:.2f}x the dense model's latency in onnxruntime on "
+                    f"this machine: channel counts that are not multiples of "
+                    f"{default_round_to(None)} (this CPU's channel block) can cost more than the "
+                    "MACs they save; prune with round_to='auto' or a target_latency"]
+                log(f"warning: {report['warnings'][0]}")
             atomic_write_text(os.path.join(stage, "report.md"), report_markdown(report))
             atomic_write_text(os.path.join(stage, "recipe.json"),
                               json.dumps(recipe.to_dict(), indent=1) + "\n")
