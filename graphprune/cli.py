@@ -35,6 +35,11 @@ def _model_and_input(args: argparse.Namespace):
         load_weights(model, args.weights)
     if args.input_shape:
         shape = parse_shape(args.input_shape)
+    from .hf.loading import example_inputs, is_hf_model
+
+    if is_hf_model(model):  # token ids (and masks, pixels...) as the model takes them
+        kw = {"batch": shape[0], "seq_len": shape[1]} if shape is not None and len(shape) == 2 else {}
+        return model, example_inputs(model, **kw)
     if shape is None:
         from .errors import ConfigError
 

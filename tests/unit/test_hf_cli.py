@@ -109,6 +109,12 @@ def test_prune_hf_directory_on_a_text_file_end_to_end(hf_dir, capsys):
     assert math.isfinite(rep["timings_s"]["prune"])
 
 
+def test_inspect_an_hf_directory_with_token_ids(hf_dir, capsys):
+    assert main(["inspect", "--model", f"hf:{hf_dir / 'tiny'}", "--input-shape", "1,8"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj" in out and "torch.export" in out
+
+
 def test_global_pruning_of_a_language_model_is_flaps_adaptive_allocation(hf_dir, capsys):
     out = hf_dir / "out-global"
     code, err = _run(capsys, "--model", f"hf:{hf_dir / 'tiny'}", "--data", str(hf_dir / "notes.txt"),
