@@ -234,6 +234,9 @@ def test_built_table_is_cached_per_model_and_machine(measured):
     assert not table.unmatched and all(k.groups for k in table.kernels if k.op == "Conv")
 
 
+# Timed against a fresh measurement: another test process sharing the 2 cores skews it by 20-40%,
+# so these run in the heavy tier (make zoo), on a machine doing nothing else.
+@pytest.mark.zoo
 def test_prediction_of_pruned_nets_within_15_percent_of_measured(measured, tmp_path):
     _, g, table, _ = measured
     plans = [uniform_widths(dict(table.sizes), 0.5, table.round_to),
@@ -245,6 +248,7 @@ def test_prediction_of_pruned_nets_within_15_percent_of_measured(measured, tmp_p
         assert abs(p / m - 1) < 0.15, (table.clock, predicted, got)
 
 
+@pytest.mark.zoo  # timed, see above
 def test_latency_target_is_met(measured, tmp_path):
     _, g, table, _ = measured
     amounts = latency_amounts(g, l1(g), 0.5, table)
