@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,43 @@ from .errors import ExportError, InputError
 _NP = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
        "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
        "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
+
+
+
+OPT_LEVELS = ("none", "basic", "extended", "all")
+
+
+def ort_session(path: str, *, threads: int | None = None, optimization: str = "all",
+                providers: Sequence[str] = ("CPUExecutionProvider",),
+                profile_prefix: str | None = None) -> Any:
+    """The onnxruntime ``InferenceSession`` every graphprune runner uses: ``threads`` intra-op
+    threads (one inter-op), an optimization level, quiet logs, the kernel profiler if asked.
+
+    Example:
+        >>> sess = ort_session("model.onnx", threads=2)
+
+    Raises:
+        ExportError: onnxruntime cannot load the file.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
+    so.log_severity_level = 3
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    try:
+        return ort.InferenceSession(path, so, providers=list(providers))
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise ExportError(f"onnxruntime cannot load '{path}': {str(e).splitlines()[0]}") from e
 
 
 class Session:
@@ -45,28 +83,13 @@ class Session:
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
                  optimization: str = "all"):
-        import onnxruntime as ort
-
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise InputError(f"ONNX model '{path}' does not exist.")
         from ._validate import check_choice
 
-        check_choice(optimization, "optimization", "Session", ("none", "basic", "extended", "all"))
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
-        so.graph_optimization_level = {
-            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
-        so.log_severity_level = 3
-        try:
-            self.sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ExportError(f"onnxruntime cannot load '{path}': {str(e).splitlines()[0]}") from e
+        check_choice(optimization, "optimization", "Session", OPT_LEVELS)
+        self.sess = ort_session(path, threads=threads, optimization=optimization)
         self.path = path
         self.inputs = [(i.name, list(i.shape), i.type) for i in self.sess.get_inputs()]
         self.outputs = [o.name for o in self.sess.get_outputs()]

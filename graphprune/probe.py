@@ -17,6 +17,7 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from ._modcopy import fake_run
 from .trace import on_meta, preserved_state
@@ -53,6 +54,17 @@ def _plan_for(groups: list[Group]):
                  for g in groups})
 
 
+def masked_copy(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` with every masked entry of its parameters and buffers set to zero: what
+    the shrunk model must compute (the probes' reference)."""
+    m = copy.deepcopy(model)
+    sd = m.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for k, mk in masks.items():
+            sd[k].mul_(mk.to(sd[k].dtype))
+    return m
+
+
 def _fails(graph: ChannelGraph, groups: list[Group], ref: list[torch.Tensor]) -> str | None:
     """Why shrinking ``groups`` breaks the model, or None."""
     from .apply.shrink import apply_plan
@@ -67,12 +79,7 @@ def _fails(graph: ChannelGraph, groups: list[Group], ref: list[torch.Tensor]) ->
         return "the output shape changes"
     if on_meta(graph.model) or any(g.value_coupled for g in groups):
         return None
-    masked = copy.deepcopy(graph.model)
-    sd = masked.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for k, m in applied.masks.items():
-            sd[k].mul_(m.to(sd[k].dtype))
-    want = _run(masked, t.inputs, t.mode)
+    want = _run(masked_copy(graph.model, applied.masks), t.inputs, t.mode)
     for a, b in zip(got, want):
         if a.is_floating_point():
             err = float((a - b).norm() / b.norm().clamp_min(1e-30))

@@ -14,17 +14,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .graph import ChannelGraph
-from .probe import TOLERANCE
+from .probe import TOLERANCE, masked_copy
 from .regions import RegionTraced, rel_error, run_regions, structure
-
-
-def _masked(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    m = copy.deepcopy(model)
-    sd = m.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for k, mk in masks.items():
-            sd[k].mul_(mk.to(sd[k].dtype))
-    return m
 
 
 def _differs(what: str, a: Any, b: Any, values: bool) -> str | None:
@@ -87,7 +78,7 @@ def _fails(graph: ChannelGraph, groups: list[Any]) -> str | None:
     inputs = regions[0].inputs
     try:
         applied = apply_plan(graph, plan, verify=False)
-        masked = _masked(graph.model, applied.masks)
+        masked = masked_copy(graph.model, applied.masks)
         ref = run_regions(masked, regions, inputs)
         pert = run_regions(_perturbed(masked), regions, inputs, reference=ref[0])
         got = run_regions(applied.model, regions, inputs, reference=ref[0])

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .._validate import check_int
-from ..errors import ExportError, InputError
+from ..deploy import ort_session
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -57,25 +58,12 @@ class DecoderSession:
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
                  optimization: str = "all"):
-        import onnxruntime as ort
-
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise InputError(f"ONNX model '{path}' does not exist.")
-        so = ort.SessionOptions()
         if threads:
-            so.intra_op_num_threads = check_int(threads, "threads", "DecoderSession", low=1)
-            so.inter_op_num_threads = 1
-        so.graph_optimization_level = {
-            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
-        so.log_severity_level = 3
-        try:
-            self.sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ExportError(f"onnxruntime cannot load '{path}': {str(e).splitlines()[0]}") from e
+            check_int(threads, "threads", "DecoderSession", low=1)
+        self.sess = ort_session(path, threads=threads, optimization=optimization)
         self.path = path
         ins = {i.name: i for i in self.sess.get_inputs()}
         if not {"input_ids", "attention_mask"} <= set(ins):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, ExportError, InputError
+from ..errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from ..graph import ChannelGraph
@@ -60,24 +60,10 @@ def machine_key(threads: int, providers: Sequence[str], optimization: str) -> di
 def make_session(path: str, *, threads: int, providers: Sequence[str], optimization: str = "all",
                  profile_prefix: str | None = None):
     """An onnxruntime session with ``threads`` intra-op threads (and the profiler, if asked)."""
-    import onnxruntime as ort
+    from ..deploy import ort_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.graph_optimization_level = {
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
-    if profile_prefix is not None:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    try:
-        return ort.InferenceSession(path, so, providers=list(providers))
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise ExportError(f"onnxruntime cannot load '{path}': {str(e).splitlines()[0]}") from e
+    return ort_session(path, threads=threads, optimization=optimization, providers=providers,
+                       profile_prefix=profile_prefix)
 
 
 def feeds_for(session: Any, example_inputs: Any) -> dict[str, np.ndarray]:

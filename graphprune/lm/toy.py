@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .._validate import check_int
 from ..errors import ConfigError
@@ -138,6 +137,8 @@ def train_toy_decoder(lang: ToyLanguage | None = None, steps: int = 200, batch_s
     >>> mean_nll(model, test, seq_len=32) < lang.bigram_entropy(test)   # doctest: +SKIP
     True
     """
+    from .train import next_token_step
+
     lang = lang or toy_language()
     check_int(steps, "steps", "train_toy_decoder", low=1)
     model = toy_decoder(lang.vocab_size, max_len=seq_len, seed=seed, **model_kwargs)
@@ -147,11 +148,6 @@ def train_toy_decoder(lang: ToyLanguage | None = None, steps: int = 200, batch_s
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     for x in data:
-        logits = model(input_ids=x, use_cache=False).logits[:, :-1]  # (B, L-1, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        next_token_step(model, opt, x)
         sched.step()
     return model.eval()

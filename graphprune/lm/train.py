@@ -120,6 +120,18 @@ def _batches(ids: torch.Tensor, spec: LMSpec, g: torch.Generator):
             yield w[perm[i:i + spec.batch_size]]
 
 
+def next_token_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
+    """One optimizer step of next-token cross-entropy on the id batch ``x`` (B, L), gradients
+    clipped at norm 1; returns the loss."""
+    logits = model(input_ids=x, use_cache=False).logits[:, :-1]  # (B, L-1, V)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def train_causal_lm(model: torch.nn.Module, ids: torch.Tensor, spec: LMSpec,
                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train ``model`` in place on the 1-D id stream ``ids`` (AdamW, warm-up + cosine, gradient
@@ -139,13 +151,7 @@ def train_causal_lm(model: torch.nn.Module, ids: torch.Tensor, spec: LMSpec,
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, spec)
         x = next(batches)  # (B, L)
-        logits = model(input_ids=x, use_cache=False).logits[:, :-1]  # (B, L-1, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(next_token_step(model, opt, x))
         times.append(time.perf_counter() - t)
         if log and (step % 50 == 0 or step == spec.steps - 1):
             log(f"step {step + 1}/{spec.steps}: loss {losses[-1]:.3f}, "
