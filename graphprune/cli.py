@@ -176,10 +176,12 @@ def _recipe_from_args(args: argparse.Namespace):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from .distributed import dist_env
     from .pipeline import run, table_rows
 
     recipe = _recipe_from_args(args)
-    quiet = args.quiet or args.json
+    main_rank = dist_env().is_main  # under torchrun only rank 0 speaks
+    quiet = args.quiet or args.json or not main_rank
     con = _console(quiet)
     if quiet:
         report = run(recipe, args.out)
@@ -198,6 +200,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
             report = run(recipe, args.out, log=lambda m: con.print(f"[dim]{m}[/]"),
                          progress=progress)
+    if not main_rank:
+        return 0
     if args.json:
         print(json.dumps({k: report[k] for k in ("model", "before", "after", "timings_s")} |
                          {"out": os.path.abspath(args.out)}, indent=1, default=str))

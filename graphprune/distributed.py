@@ -1,5 +1,6 @@
 """Fine-tuning across processes: who this process is, which device it uses, the process group,
-the data shards and BatchNorm over the global batch.
+the data shards, BatchNorm over the global batch, and messages from rank 0 to the others
+(``from_main``, ``check_all``: the main job prunes and exports on rank 0 alone).
 
 Stage of the flow: after pruning (``prune`` -> ``apply_masks`` -> **fine-tune** -> export).
 ``graphprune.finetune.finetune`` uses these pieces to run the same optimisation on one process
@@ -16,8 +17,9 @@ order of float additions.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -303,3 +305,111 @@ def deterministic(device: torch.device) -> Iterator[None]:
         yield
     finally:
         cudnn.deterministic, cudnn.benchmark = old
+
+
+# ---------------------------------------------------------------------- one process's results for all
+# Waits for work that one process does alone (pruning, export) can last longer than a collective
+# timeout suits training: messages go over their own gloo group with a long one. A process that
+# dies closes its connections (gloo fails the waiting peers at once) and torchrun stops the others.
+MESSAGE_TIMEOUT_S = 24 * 3600.0
+
+
+@contextlib.contextmanager
+def message_group(env: DistEnv, timeout_s: float = MESSAGE_TIMEOUT_S) -> Iterator[Any]:
+    """A gloo group of all the processes of the open process group, for ``from_main`` and
+    ``check_all`` (CPU tensors on any backend, a timeout as long as a stage rank 0 runs alone);
+    ``None`` for a single process. Destroyed on the way out."""
+    if not env.distributed:
+        yield None
+        return
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    try:
+        yield group
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group(group)
+
+
+def from_main(env: DistEnv, make: Callable[[], bytes], what: str, group: Any = None) -> bytes:
+    """Rank 0 runs ``make()``; every process returns its bytes (sent as a uint8 tensor: no
+    pickle). If ``make`` raises on rank 0, rank 0 sends the error instead and raises it, and every
+    other process raises it too (the same graphprune error class and message, naming rank 0), so
+    no process waits for a result that never comes. On a single process: ``make()``.
+
+    Example:
+        >>> plan_json = from_main(env, lambda: r.plan.to_json().encode(), "pruning", group)
+
+    Raises:
+        GraphPruneError: on the other processes, when ``make`` failed on rank 0.
+    """
+    if not env.distributed:
+        return make()
+    if env.is_main:
+        try:
+            payload = make()
+        except BaseException as e:
+            _send(json.dumps({"type": type(e).__name__, "message": str(e),
+                              "param": getattr(e, "param", None)}).encode(), 1, group)
+            raise
+        _send(payload, 0, group)
+        return payload
+    header = torch.zeros(2, dtype=torch.int64)  # (failed, bytes)
+    dist.broadcast(header, 0, group=group)
+    data = torch.empty(int(header[1]), dtype=torch.uint8)
+    if data.numel():
+        dist.broadcast(data, 0, group=group)
+    payload = data.numpy().tobytes()
+    if int(header[0]):
+        raise _main_error(json.loads(payload), what)
+    return payload
+
+
+def _send(payload: bytes, failed: int, group: Any) -> None:
+    dist.broadcast(torch.tensor([failed, len(payload)], dtype=torch.int64), 0, group=group)
+    if payload:
+        dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0, group=group)
+
+
+def _main_error(err: Mapping[str, Any], what: str) -> Exception:
+    """Rank 0's error, raised again on another process: its graphprune class, or the base one."""
+    from .errors import GraphPruneError
+
+    todo, classes = [GraphPruneError], {}
+    while todo:  # the family, wherever its classes are defined
+        c = todo.pop()
+        classes[c.__name__] = c
+        todo += c.__subclasses__()
+    cls = classes.get(str(err.get("type")))
+    msg = err["message"] if cls else f"{err['type']}: {err['message']} (its traceback is in its output)"
+    return (cls or GraphPruneError)(f"Process RANK=0 failed while {what}: {msg}",
+                                    param=err.get("param"))
+
+
+def check_all(env: DistEnv, error: BaseException | None, what: str, group: Any = None) -> None:
+    """Every process says whether it failed at ``what``; one that failed raises its ``error``,
+    the others raise a GraphPruneError naming the failed ranks, so none goes on alone to wait in
+    a collective. Does nothing when all succeeded (raises ``error`` on a single process).
+
+    Example:
+        >>> err = None
+        >>> try: model = rebuild()
+        ... except Exception as e: err = e
+        >>> check_all(env, err, "rebuilding the pruned model", group)
+
+    Raises:
+        GraphPruneError: another process failed.
+    """
+    if env.distributed:
+        flags = torch.zeros(env.world_size, dtype=torch.int64)
+        flags[env.rank] = int(error is not None)
+        dist.all_reduce(flags, group=group)
+        bad = [r for r in range(env.world_size) if flags[r] and r != env.rank]
+    else:
+        bad = []
+    if error is not None:
+        raise error
+    if bad:
+        from .errors import GraphPruneError
+
+        raise GraphPruneError(f"Process RANK={', '.join(map(str, bad))} failed while {what} (its "
+                              "error is in its output); this process stops too.")

@@ -1,6 +1,8 @@
-"""The main job, end to end: model -> (train the embedded default) -> prune (+ reconstruct) ->
-fine-tune -> quantize -> (code) -> export -> run in onnxruntime -> report. A Hugging Face causal
+"""The main job (``graphprune prune``), every stage of the flow in order: load the model and the
+data -> (train the embedded default) -> prune (+ reconstruct) -> fine-tune -> quantize -> (code)
+-> export -> run in onnxruntime -> report, on one process or under torchrun. A Hugging Face causal
 language model (``hf:DIR``) takes a text file and is measured in perplexity: ``lm.job.run_lm``.
+The report is rendered (Markdown, table rows, figures) by ``pipeline_report``.
 
 ``run(recipe, out_dir)`` writes ``model.onnx``, ``masks.safetensors``, ``plan.json``,
 ``report.json``, ``report.md``, ``recipe.json``, ``model.safetensors`` (the pruned weights),
@@ -16,7 +18,8 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,13 +28,21 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, InputError
+from .pipeline_dist import check_same_weights, everywhere, plan_message, rebuild
+from .pipeline_report import (have_matplotlib, report_markdown, table_rows, write_figures,
+                              write_report_files)
 from .recipe import Recipe
+
+# report_markdown and table_rows live in pipeline_report; importable from here as before
+__all__ = ["Data", "load_data", "report_markdown", "run", "table_rows"]
 
 Log = Callable[[str], None]
 
 
 @dataclass
 class Data:
+    """The run's calibration (pruning, fine-tuning) and evaluation tensors; labels None without."""
+
     calib_x: torch.Tensor
     calib_y: torch.Tensor | None
     eval_x: torch.Tensor
@@ -105,92 +116,187 @@ def _train_default(model: nn.Module, data: Data, recipe: Recipe, log: Log) -> nn
     return model
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> float | None:
+@contextmanager
+def _timed(times: dict[str, float], stage: str) -> Iterator[None]:
+    """Record the seconds the block takes as ``times[stage]``."""
+    t = time.perf_counter()
+    yield
+    times[stage] = time.perf_counter() - t
+
+
+def _accuracy(model: nn.Module, data: Data) -> float | None:
+    """``model``'s accuracy on the evaluation data, or None without labels."""
     from .finetune import evaluate
 
-    return None if y is None else evaluate(model, x, y)
+    return None if data.eval_y is None else evaluate(model, data.eval_x, data.eval_y)
 
 
-def _onnx_eval(path: str, x: torch.Tensor, y: torch.Tensor | None, threads: int = 2
-               ) -> tuple[float | None, dict[str, float], np.ndarray]:
+def _onnx_eval(path: str, data: Data, threads: int = 2) -> tuple[float | None, dict[str, float]]:
+    """Accuracy (None without labels) on the evaluation data and batch-1 latency of the ONNX file
+    ``path`` in onnxruntime."""
     from .deploy import Session
 
+    x, y = data.eval_x, data.eval_y
     s = Session(path, threads=threads)
     outs = np.concatenate([s.run(x[i:i + 256])[0] for i in range(0, x.shape[0], 256)])
     acc = None if y is None else float((outs.argmax(-1) == y.numpy()).mean())
     lat = s.benchmark(x[:1], warmup=10, runs=50)
-    return acc, lat, outs
+    return acc, lat
 
 
 def run(recipe: Recipe, out_dir: str, *, log: Log | None = None,
         progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Run ``recipe`` and write the bundle to ``out_dir``; returns the report."""
-    from ._safetensors import dumps
-    from .cost import count_params
-    from .export import export_bundle, export_onnx
-    from .finetune import train
-    from .io import atomic_write_bytes, atomic_write_text, check_writable
-    from .prune import prune as prune_model
-    from .specs import load_model, load_weights
+    """Run ``recipe`` and write the bundle to ``out_dir``; returns the report.
 
-    if recipe.sensitivity and not _have_matplotlib():
+    On one process, or on every process of a ``torchrun`` launch: then rank 0 alone prepares the
+    dense model, prunes it and sends its plan (JSON) to the others, every process applies that
+    plan to the same fresh model, all fine-tune it together (``finetune``: DDP starts every
+    process from rank 0's weights), and rank 0 alone exports and writes the bundle; every
+    process returns rank 0's report. An error on rank 0 is raised on every process.
+
+    Raises:
+        ConfigError: a bad setting (e.g. a fine-tune batch that does not split over the
+            processes), or a language model under torchrun.
+        GraphPruneError: another process failed.
+    """
+    from .distributed import dist_env, message_group, process_group, resolve_device
+    from .io import check_writable
+
+    if recipe.sensitivity and not have_matplotlib():
         raise ConfigError("The sensitivity plot needs matplotlib: pip install 'graphprune[plot]'.",
                           param="sensitivity")
+    env = dist_env()
+    if not env.distributed:
+        check_writable(out_dir)  # before any work
+        return _run(recipe, out_dir, env, None, log or (lambda s: None), progress)
+    dev = resolve_device(recipe.prune.device, env)
+    with process_group(env, dev), message_group(env) as group:
+        return _run(recipe, out_dir, env, group, log if log and env.is_main else (lambda s: None),
+                    progress if env.is_main else None)
 
-    check_writable(out_dir)  # before any work
-    log = log or (lambda s: None)
-    t_start = time.perf_counter()
-    times: dict[str, float] = {}
+
+def _load(recipe: Recipe, env: Any) -> tuple[nn.Module, tuple[int, ...] | None, Data | None]:
+    """The same on every process: a fresh model, its input shape and its data (None for a
+    language model), with the fine-tune batches checked to split over the processes."""
+    from .distributed import shards
+    from .hf import is_hf_model
+    from .specs import load_model
+
     torch.manual_seed(recipe.seed)
     model, shape = load_model(recipe.model.spec)
-    from .hf import is_hf_model
-
-    if is_hf_model(model):  # a language model: text in, perplexity out (graphprune.lm.job)
-        from .lm.job import run_lm
-
-        return run_lm(recipe, model, out_dir, log=log, progress=progress)
+    if is_hf_model(model):
+        if env.distributed:
+            raise ConfigError("The main job of a language model runs on one process: launch it "
+                              "without torchrun.", param="model")
+        return model, shape, None
     if recipe.model.input_shape:
         shape = tuple(recipe.model.input_shape)
     if shape is None:
-        raise ConfigError(f"The model '{recipe.model.spec}' has no default input shape: give one in "
-                          "the recipe's model stage (input_shape: [1, 3, 224, 224]).",
+        raise ConfigError(f"The model '{recipe.model.spec}' has no default input shape: give "
+                          "one in the recipe's model stage (input_shape: [1, 3, 224, 224]).",
                           param="input_shape")
     data = load_data(recipe, shape)
+    if recipe.finetune.epochs and data.calib_y is not None:  # fails early, not after pruning
+        shards(len(data.calib_y), recipe.finetune.batch_size, seed=recipe.seed, env=env)
+    return model, shape, data
+
+
+def _run(recipe: Recipe, out_dir: str, env: Any, group: Any, log: Log,
+         progress: Callable[[str, int, int], None] | None) -> dict[str, Any]:
+    """The stages on this process (``run``); ``group``: the processes' message group, or None."""
+    from .distributed import from_main
+    from .finetune import finetune
+    from .io import check_writable
+
+    t_start = time.perf_counter()
+    times: dict[str, float] = {}
+    model, shape, data = everywhere(env, group, "loading the model and the data",
+                                     lambda: _load(recipe, env))
+    if data is None:  # a language model: text in, perplexity out (graphprune.lm.job)
+        from .lm.job import run_lm
+
+        return run_lm(recipe, model, out_dir, log=log, progress=progress)
+    assert shape is not None
     example = data.calib_x[:1]
-    if recipe.model.weights:
-        load_weights(model, recipe.model.weights)
-    elif recipe.model.spec == "digits" and data.calib_y is not None:
-        t = time.perf_counter()
-        model = _train_default(model, data, recipe, log)
-        times["train"] = time.perf_counter() - t
-    model.eval()
-    acc_dense = _accuracy(model, data.eval_x, data.eval_y)
 
-    # ------------------------------------------------------------------ prune
-    p = recipe.prune
-    log(f"pruning with {p.method}" + (" + reconstruction" if p.reconstruct else ""))
-    t = time.perf_counter()
-    calib = (data.calib_x, data.calib_y) if data.calib_y is not None else data.calib_x
-    r = prune_model(model, example, p.replace(seed=recipe.seed), calibration=calib,
-                    progress=progress)
-    times["prune"] = time.perf_counter() - t
-    pruned = r.model
-    log(f"pruned: {r.report.params[0]:,} -> {r.report.params[1]:,} parameters")
-    acc_pruned = _accuracy(pruned, data.eval_x, data.eval_y)
+    # ------------------------------------------------------------------ dense model, prune (rank 0)
+    kept: dict[str, Any] = {}
 
-    # ------------------------------------------------------------------ fine-tune
-    acc_ft = acc_pruned
+    def prune_here() -> bytes:
+        if env.distributed:
+            check_writable(out_dir)  # before any work
+        kept.update(_prune(recipe, model, data, example, log, progress, times))
+        return plan_message(kept["result"], data) if env.distributed else b""
+
+    message = from_main(env, prune_here, "pruning", group)
+    pruned = everywhere(env, group, "applying rank 0's plan",  # rank 0 has it, the others rebuild it
+                        lambda: kept["result"].model if env.is_main
+                        else rebuild(model, example, recipe, message, data))
+
+    # ------------------------------------------------------------------ fine-tune (every process)
+    ft = None
     if recipe.finetune.epochs and data.calib_y is not None:
         log(f"fine-tuning for {recipe.finetune.epochs} epochs")
-        t = time.perf_counter()
-        tx, ty = data.calib_x, data.calib_y
-        train(pruned, tx, ty, epochs=recipe.finetune.epochs, lr=recipe.finetune.lr,
-              batch_size=recipe.finetune.batch_size, seed=recipe.seed)
-        times["finetune"] = time.perf_counter() - t
-        acc_ft = _accuracy(pruned, data.eval_x, data.eval_y)
+        with _timed(times, "finetune"):
+            res = finetune(pruned, (data.calib_x, data.calib_y), epochs=recipe.finetune.epochs,
+                           lr=recipe.finetune.lr, batch_size=recipe.finetune.batch_size,
+                           optimizer=recipe.finetune.optimizer, seed=recipe.seed,
+                           device=recipe.prune.device, inplace=True, log=log)
+        pruned = res.model
+        check_same_weights(env, pruned, group)
+        ft = {k: res.report[k] for k in ("processes", "backend", "device", "optimizer", "batch_size",
+                                         "batch_size_per_process", "steps_per_epoch",
+                                         "global_batchnorm_layers", "loss")}
     elif recipe.finetune.epochs:
         log("no labels in the data: fine-tuning skipped")
 
+    # ------------------------------------------------------------------ export, report (rank 0)
+    def export_here() -> bytes:
+        kept["report"] = _export(recipe, out_dir, kept, pruned, data, shape, example, ft, times,
+                                 t_start, log)
+        return json.dumps(kept["report"], default=str).encode() if env.distributed else b""
+
+    message = from_main(env, export_here, "exporting", group)
+    return kept["report"] if env.is_main else json.loads(message)
+
+
+def _prune(recipe: Recipe, model: nn.Module, data: Data, example: torch.Tensor, log: Log,
+           progress: Callable[[str, int, int], None] | None, times: dict[str, float]
+           ) -> dict[str, Any]:
+    """The dense model (weights, or the embedded default trained) and its pruning."""
+    from .prune import prune as prune_model
+    from .specs import load_weights
+
+    if recipe.model.weights:
+        load_weights(model, recipe.model.weights)
+    elif recipe.model.spec == "digits" and data.calib_y is not None:
+        with _timed(times, "train"):
+            model = _train_default(model, data, recipe, log)
+    model.eval()
+    acc_dense = _accuracy(model, data)
+    p = recipe.prune
+    log(f"pruning with {p.method}" + (" + reconstruction" if p.reconstruct else ""))
+    calib = (data.calib_x, data.calib_y) if data.calib_y is not None else data.calib_x
+    with _timed(times, "prune"):
+        r = prune_model(model, example, p.replace(seed=recipe.seed), calibration=calib,
+                        progress=progress)
+    log(f"pruned: {r.report.params[0]:,} -> {r.report.params[1]:,} parameters")
+    return {"dense": model, "result": r, "acc_dense": acc_dense, "acc_pruned": _accuracy(r.model, data)}
+
+
+# ---------------------------------------------------------------------- export (rank 0)
+def _export(recipe: Recipe, out_dir: str, kept: dict[str, Any], pruned: nn.Module, data: Data,
+            shape: tuple[int, ...], example: torch.Tensor, ft: dict[str, Any] | None,
+            times: dict[str, float], t_start: float, log: Log) -> dict[str, Any]:
+    """Evaluate, export and write the bundle; returns the report."""
+    from ._safetensors import dumps
+    from .cost import count_params
+    from .export import export_bundle, export_onnx
+    from .io import atomic_write_bytes
+
+    model, r, acc_dense, acc_pruned = kept["dense"], kept["result"], kept["acc_dense"], \
+        kept["acc_pruned"]
+    acc_ft = _accuracy(pruned, data) if ft else acc_pruned
     pruned = pruned.cpu()  # exported, coded and evaluated in onnxruntime from the CPU
     q = recipe.quantize.mode
     with tempfile.TemporaryDirectory(prefix="gp-run-") as tmp:
@@ -198,27 +304,19 @@ def run(recipe: Recipe, out_dir: str, *, log: Log | None = None,
         t = time.perf_counter()
         dense_onnx = export_onnx(model, example, os.path.join(tmp, "dense.onnx"),
                                  exporter=recipe.export.exporter)
-        acc_dense_ort, lat_dense, _ = _onnx_eval(dense_onnx.path, data.eval_x, data.eval_y)
+        acc_dense_ort, lat_dense = _onnx_eval(dense_onnx.path, data)
 
         def finish(stage: str, report: dict[str, Any]) -> None:
             """Evaluate the staged model and add the main job's files and figures."""
-            acc_ort, lat_final, _ = _onnx_eval(os.path.join(stage, "model.onnx"), data.eval_x,
-                                               data.eval_y)
+            acc_ort, lat_final = _onnx_eval(os.path.join(stage, "model.onnx"), data)
             times["export"] = time.perf_counter() - t
             atomic_write_bytes(os.path.join(stage, "model.safetensors"),
                                dumps(pruned.state_dict(), {"format": "graphprune.pruned-weights"}))
             coded = None
             if recipe.code.enabled:
                 coded = _code(pruned, example, data, recipe, os.path.join(stage, "model.gpc"), log)
-            if _have_matplotlib():
-                _channels_png(r, os.path.join(stage, "channels.png"))
-            else:
-                log("matplotlib is not installed: channels.png skipped (pip install "
-                    "'graphprune[plot]')")
-            if recipe.sensitivity:
-                log("measuring per-group sensitivity")
-                _sensitivity_png(model, example, data, recipe, os.path.join(stage,
-                                                                            "sensitivity.png"))
+            write_figures(stage, r, model, example, data.eval_x, data.eval_y,
+                          sensitivity=recipe.sensitivity, log=log)
             onnx = report["onnx"]
             report.update({
                 "graphprune": __import__("graphprune").__version__,
@@ -235,6 +333,7 @@ def run(recipe: Recipe, out_dir: str, *, log: Log | None = None,
                           "accuracy_ort": acc_ort, "precision": onnx["quantize"],
                           **({"coded_bytes": coded["bytes"], "coded_accuracy": coded["accuracy"]}
                              if coded else {})},
+                **({"finetune": ft} if ft else {}),
                 "timings_s": {**times, "total": time.perf_counter() - t_start},
             })
             slower = lat_final["p50"] / lat_dense["p50"] if lat_dense["p50"] else 0.0
@@ -247,9 +346,7 @@ def run(recipe: Recipe, out_dir: str, *, log: Log | None = None,
                     f"{default_round_to(None)} (this CPU's channel block) can cost more than the "
                     "MACs they save; prune with round_to='auto' or a target_latency"]
                 log(f"warning: {report['warnings'][0]}")
-            atomic_write_text(os.path.join(stage, "report.md"), report_markdown(report))
-            atomic_write_text(os.path.join(stage, "recipe.json"),
-                              json.dumps(recipe.to_dict(), indent=1) + "\n")
+            write_report_files(stage, report, recipe)
             report["files"] = sorted(set(os.listdir(stage)) | {"report.json"})
 
         log("exporting" + (" (int8, calibrating activations)" if q == "int8" else ""))
@@ -259,14 +356,9 @@ def run(recipe: Recipe, out_dir: str, *, log: Log | None = None,
                              calibrate_method=recipe.quantize.calibrate_method, finish=finish)
 
 
-def _have_matplotlib() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("matplotlib") is not None
-
-
 def _code(pruned: nn.Module, example: torch.Tensor, data: Data, recipe: Recipe, path: str,
           log: Log) -> dict[str, Any]:
+    """Quantize (and share, fine-tune) the pruned weights and code them into ``path`` (model.gpc)."""
     from .coding import encode
     from .finetune import train
     from .fold import fold_batchnorm
@@ -285,140 +377,5 @@ def _code(pruned: nn.Module, example: torch.Tensor, data: Data, recipe: Recipe, 
               seed=recipe.seed)
         q.freeze()
     rep = encode(q, path, method=c.method)
-    return {"bytes": rep.bytes, "accuracy": _accuracy(q.model, data.eval_x, data.eval_y)}
+    return {"bytes": rep.bytes, "accuracy": _accuracy(q.model, data)}
 
-
-def _channels_png(r: Any, path: str) -> None:
-    from .io import atomic_path
-    from .viz import pyplot
-
-    plt = pyplot()
-    rows = [g for g in r.report.groups if g.prunable][:60]
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(rows) + 2), 4))
-    xs = np.arange(len(rows))
-    ax.bar(xs, [g.channels_before for g in rows], color="#cccccc", label="before")
-    ax.bar(xs, [g.channels_after for g in rows], color="#3a7bd5", label="after")
-    ax.set_xticks(xs, [g.name for g in rows], rotation=90, fontsize=6)
-    ax.set_ylabel("channels")
-    ax.set_title("channels per group, before and after pruning")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-
-
-def _sensitivity_png(model: nn.Module, example: torch.Tensor, data: Data, recipe: Recipe,
-                     path: str) -> None:
-    """Accuracy (or output cosine without labels) when one group alone is pruned, vs sparsity."""
-    from .capture import trace
-    from .viz import pyplot
-
-    plt = pyplot()
-    from .io import atomic_path
-    from .prune import prune
-
-    g = trace(model, example)
-    groups = sorted(g.prunable_groups, key=lambda x: -x.size)[:12]
-    levels = [0.25, 0.5, 0.75]
-    x_eval = data.eval_x[:512]
-    y_eval = None if data.eval_y is None else data.eval_y[:512]
-    with torch.no_grad():
-        ref = model(x_eval)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for grp in groups:
-        vals = []
-        for s in levels:
-            rr = prune(model, example, config=[{"op_names": [grp.name], "sparsity": s}],
-                       method="l1")
-            with torch.no_grad():
-                out = rr.model(x_eval)
-            vals.append(float((out.argmax(-1) == y_eval).float().mean()) if y_eval is not None
-                        else float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), 0)))
-        ax.plot(levels, vals, marker="o", label=grp.name)
-    ax.set_xlabel("sparsity of the group alone (l1, no reconstruction)")
-    ax.set_ylabel("accuracy" if y_eval is not None else "output cosine")
-    ax.set_title("sensitivity per group")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-
-
-def _fmt(v: Any, kind: str = "") -> str:
-    if v is None:
-        return "-"
-    if kind == "acc":
-        return f"{100 * v:.2f}%"
-    if kind == "ms":
-        return f"{v:.3f} ms"
-    if kind == "rate":
-        return f"{v:,.0f}"
-    if kind == "ppl":
-        return f"{v:,.2f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-_ROWS = (("params", "parameters", ""), ("macs", "MACs", ""), ("onnx_bytes", "ONNX bytes on disk", ""),
-         ("ort_latency_ms", "onnxruntime latency (batch 1, median)", "ms"),
-         ("accuracy_torch", "accuracy, PyTorch", "acc"), ("accuracy_ort", "accuracy, onnxruntime", "acc"))
-_LM_ROWS = (("params", "parameters", ""), ("block_params", "attention + MLP parameters", ""),
-            ("onnx_bytes", "ONNX bytes on disk (fp32)", ""),
-            ("int8_bytes", "ONNX bytes, int8 weight-only", ""),
-            ("ort_tokens_per_s", "onnxruntime tokens/s (fp32, median)", "rate"),
-            ("perplexity_torch", "held-out perplexity, PyTorch", "ppl"),
-            ("perplexity_ort", "held-out perplexity, onnxruntime", "ppl"),
-            ("perplexity_ort_int8", "held-out perplexity, onnxruntime int8", "ppl"))
-
-
-def table_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(quantity, before, after, after/before) rows of the summary table."""
-    b, a = report["before"], report["after"]
-    rows = []
-    lm = "perplexity_torch" in b
-    for key, label, kind in _LM_ROWS if lm else _ROWS:
-        bv, av = b.get(key), a.get(key)
-        if lm and bv is None and av is None:
-            continue
-        ratio = f"{av / bv:.3f}" if isinstance(av, (int, float)) and isinstance(bv, (int, float)) \
-            and bv and kind != "acc" else ""
-        rows.append((label, _fmt(bv, kind), _fmt(av, kind), ratio))
-    if "coded_bytes" in a:
-        rows.append(("coded weights (Deep Compression)", _fmt(b["params"] * 4) + " (fp32)",
-                     _fmt(a["coded_bytes"]), f"{a['coded_bytes'] / (b['params'] * 4):.4f}"))
-    return rows
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    r = report["recipe"]
-    lines = [f"# graphprune report: {report['model']}", "",
-             f"{report['date']} on {report['machine']}; data: {report['data']}; "
-             f"method {r['prune']['method']}"
-             + (" + reconstruction" if r["prune"]["reconstruct"] else "")
-             + f"; fine-tune {r['finetune']['epochs']} epochs; export {report['after']['precision']}.",
-             "", "| | before | after | after/before |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table_rows(report)]
-    acc_p = report["after"].get("accuracy_torch_pruned")
-    if acc_p is not None:
-        lines += ["", f"Accuracy right after pruning (before fine-tuning): {100 * acc_p:.2f}%."]
-    ppl_p, text = report["after"].get("perplexity_torch_pruned"), report.get("text")
-    if ppl_p is not None and text:
-        lines += ["", f"Perplexity right after pruning (before fine-tuning): {ppl_p:.2f}. Text: "
-                      f"{text['tokens']:,} tokens, {text['calibration_windows']} calibration windows of "
-                      f"{text['seq_len']}, {text['held_out_windows']} held-out windows from its last "
-                      f"{text['held_out_tokens']:,} tokens."]
-    lines += ["", "## Channels per group", "", "| group | before | after | note |",
-              "| --- | ---: | ---: | --- |"]
-    for g in report["groups"]:
-        lines.append(f"| {g['name']} | {g['channels_before']} | {g['channels_after']} | "
-                     f"{'' if g['prunable'] else (g['reason'] or '')} |")
-    fid = (report.get("fidelity") or {}).get("total")
-    if fid:
-        lines += ["", f"Output vs the original on the calibration data (before fine-tuning): "
-                      f"relative error {fid['rel_err']:.4f}, cosine {fid['cosine']:.5f}."]
-    lines += ["", "## Timings (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in
-                                                  report["timings_s"].items()), ""]
-    return "\n".join(lines)

@@ -44,7 +44,8 @@ def _main_job_prune() -> PruneConfig:
 class FinetuneStage:
     epochs: int = 5
     lr: float = 1e-3
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch: N processes under torchrun take batch_size / N each
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9)
 
 
 @dataclass
@@ -149,6 +150,7 @@ class Recipe:
         check_int(self.model.train_epochs, "train_epochs", "the model stage")
         if self.data.calibration_samples is not None:
             check_int(self.data.calibration_samples, "calibration_samples", "the data stage", low=1)
+        check_choice(self.finetune.optimizer, "optimizer", "the finetune stage", ("adamw", "sgd"))
         check_choice(self.quantize.mode, "mode", "the quantize stage", ("none", "int8"))
         check_choice(self.export.exporter, "exporter", "the export stage",
                      ("auto", "dynamo", "legacy"))

@@ -158,6 +158,27 @@ WATCH = textwrap.dedent("""
 """)
 
 
+def torchrun(tmp_path, argv, nproc=2, env_extra=None, timeout=600):
+    """``torchrun --standalone --nproc_per_node nproc -m graphprune *argv`` in ``tmp_path``, one
+    thread per process, every file-system write under ``tmp_path`` logged per rank in
+    ``tmp_path/watch/writes-RANK.txt``. Returns the finished process and the watch directory."""
+    watch = tmp_path / "watch"
+    watch.mkdir(exist_ok=True)
+    (watch / "sitecustomize.py").write_text(WATCH)
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(PYTHONPATH=os.pathsep.join([str(watch), ROOT]), OMP_NUM_THREADS="1",
+               GP_WATCH_DIR=str(tmp_path), GP_WATCH_LOG=str(watch), **(env_extra or {}))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", str(nproc), "-m", "graphprune", *argv],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    return run, watch
+
+
+def writes(watch):
+    """Rank -> the paths it wrote under the watched directory (``torchrun``'s log)."""
+    return {f.name[len("writes-"):-len(".txt")]: f.read_text() for f in watch.glob("writes-*.txt")}
+
+
 def _parse(argv):
     import argparse
 
@@ -182,16 +203,8 @@ def test_two_gloo_processes_compute_the_single_process_run(tmp_path, monkeypatch
             "--data", str(data), "--epochs", "2", "--batch-size", "64", "--optimizer", "sgd",
             "--lr", "0.05", "--seed", "3", "--device", "cpu"]
 
-    watch = tmp_path / "watch"
-    watch.mkdir()
-    (watch / "sitecustomize.py").write_text(WATCH)
     out2 = tmp_path / "two"
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(PYTHONPATH=os.pathsep.join([str(watch), ROOT]), OMP_NUM_THREADS="1",
-               GP_WATCH_DIR=str(tmp_path), GP_WATCH_LOG=str(watch))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", "2", "-m", "graphprune", *argv, "--out", str(out2)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    run, watch = torchrun(tmp_path, [*argv, "--out", str(out2)])
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("wrote ") == 1 and "2 process(es), cpu (gloo)" in run.stdout
 
@@ -225,6 +238,6 @@ def test_two_gloo_processes_compute_the_single_process_run(tmp_path, monkeypatch
     assert max(float((other[k] - w1[k]).abs().max()) for k in w1 if k.endswith("weight")) > 1e-3
 
     # only rank 0 touched the output directory; rank 1 wrote nothing at all there
-    logs = {f.name: f.read_text() for f in watch.glob("writes-*.txt")}
-    assert "writes-1.txt" not in logs, logs.get("writes-1.txt")
-    assert str(out2 / "model.safetensors") in logs["writes-0.txt"]
+    logs = writes(watch)
+    assert "1" not in logs, logs.get("1")
+    assert str(out2 / "model.safetensors") in logs["0"]
