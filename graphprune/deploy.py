@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,9 +31,10 @@ OPT_LEVELS = ("none", "basic", "extended", "all")
 
 def ort_session(path: str, *, threads: int | None = None, optimization: str = "all",
                 providers: Sequence[str] = ("CPUExecutionProvider",),
-                profile_prefix: str | None = None) -> Any:
+                profile_prefix: str | None = None, config: Mapping[str, str] | None = None) -> Any:
     """The onnxruntime ``InferenceSession`` every graphprune runner uses: ``threads`` intra-op
-    threads (one inter-op), an optimization level, quiet logs, the kernel profiler if asked.
+    threads (one inter-op), an optimization level, quiet logs, the kernel profiler if asked;
+    ``config``: session config entries (``{"session.force_spinning_stop": "1"}``).
 
     Example:
         >>> sess = ort_session("model.onnx", threads=2)
@@ -53,6 +54,8 @@ def ort_session(path: str, *, threads: int | None = None, optimization: str = "a
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
     so.log_severity_level = 3
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     if profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix

@@ -2,10 +2,13 @@
 
 Every variant is a physically pruned copy (the first ``w`` channels of each group kept: latency
 does not depend on which) exported to ONNX. Sessions take turns round-robin, so noise from other
-processes hits every variant alike; before each turn the other sessions' spinning thread pools
-are given time to park. Two phases: with onnxruntime's profiler on, the median time of every
-kernel (after graph optimisation: fused convolutions, NCHWc reorders...), with its input and
-output shapes; with it off, the median wall-clock latency of a run.
+processes hits every variant alike. Every measuring session stops its thread pool's spinning
+when a run ends: by default an onnxruntime worker spins for 20-50 ms of CPU after each run, long
+enough to steal a core from the next variant's turn (2 threads on 2 idle cores: the ratio of a
+pruned 1 ms model to dense then read 0.25 to 0.57 in three repeats). Two phases: with
+onnxruntime's profiler on, the median time of every kernel (after graph optimisation: fused
+convolutions, NCHWc reorders...), with its input and output shapes; with it off, the median
+wall-clock latency of a run.
 """
 
 from __future__ import annotations
@@ -59,11 +62,17 @@ def machine_key(threads: int, providers: Sequence[str], optimization: str) -> di
 
 def make_session(path: str, *, threads: int, providers: Sequence[str], optimization: str = "all",
                  profile_prefix: str | None = None):
-    """An onnxruntime session with ``threads`` intra-op threads (and the profiler, if asked)."""
+    """``deploy.ort_session`` whose thread pool stops spinning when a run ends, so that sessions
+    timed in turns do not slow each other down (a worker otherwise spins 20-50 ms after every
+    run, on the core the next variant needs).
+
+    Raises:
+        ExportError: onnxruntime cannot load the file.
+    """
     from ..deploy import ort_session
 
     return ort_session(path, threads=threads, optimization=optimization, providers=providers,
-                       profile_prefix=profile_prefix)
+                       profile_prefix=profile_prefix, config={"session.force_spinning_stop": "1"})
 
 
 def feeds_for(session: Any, example_inputs: Any) -> dict[str, np.ndarray]:
@@ -171,12 +180,16 @@ def _shapes(v: Any) -> tuple[tuple[int, ...], ...]:
 
 def _parse_profile(path: str, skip_runs: int) -> tuple[dict[str, Kernel], float]:
     """Median (and 25th percentile) duration per kernel over the profiled runs, the first
-    ``skip_runs`` dropped; and the 25th percentile of the time a run spends outside kernels."""
+    ``skip_runs`` dropped; and the time a run spends outside kernels: the 25th percentile of
+    every gap (before, between, after its kernels) summed, so that, as for the kernels, a run
+    preempted anywhere counts only where it was preempted (the 25th percentile of whole runs'
+    gaps took in the preemptions of most runs on a busy machine)."""
     with open(path, encoding="utf-8") as f:
         events = json.load(f)
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
     starts = [r[0] for r in runs]
     inside = [0.0] * len(runs)
+    spans: list[list[tuple[float, float]]] = [[] for _ in runs]
     durs: dict[str, list[float]] = defaultdict(list)
     meta: dict[str, tuple[str, Any, Any]] = {}
     for e in events:
@@ -188,6 +201,7 @@ def _parse_profile(path: str, skip_runs: int) -> tuple[dict[str, Kernel], float]
         r = bisect.bisect_right(starts, e["ts"]) - 1
         if r >= 0:
             inside[r] += e["dur"]
+            spans[r].append((e["ts"], e["ts"] + e["dur"]))
         if node not in meta:
             a = e.get("args", {})
             meta[node] = (a.get("op_name", "?"), _shapes(a.get("input_type_shape")),
@@ -197,8 +211,24 @@ def _parse_profile(path: str, skip_runs: int) -> tuple[dict[str, Kernel], float]
         op, ins, outs = meta[node]
         d = d[skip_runs:] if len(d) > skip_runs + 2 else d
         out[node] = Kernel(op, ins, outs, float(statistics.median(d)), float(np.quantile(d, 0.25)))
-    gaps = [(b - a - k) / 1e3 for (a, b), k in zip(runs, inside)][skip_runs:]
-    return out, float(np.quantile(gaps, 0.25)) if gaps else 0.0
+    return out, _overhead(runs[skip_runs:], spans[skip_runs:], inside[skip_runs:])
+
+
+def _overhead(runs: Sequence[tuple[float, float]], spans: Sequence[list[tuple[float, float]]],
+              inside: Sequence[float]) -> float:
+    """Milliseconds a run spends outside kernels (``_parse_profile``), from each run's span and
+    its kernels' spans (microseconds)."""
+    if not runs:
+        return 0.0
+    per_run = []
+    for (a, b), ks in zip(runs, spans):
+        ks = sorted(ks)
+        ends = [a] + [e for _, e in ks]
+        begins = [t for t, _ in ks] + [b]
+        per_run.append([max(0.0, t - e) for e, t in zip(ends, begins)])
+    if len({len(g) for g in per_run}) == 1:  # the same kernels every run: gap by gap
+        return float(np.quantile(np.array(per_run), 0.25, axis=0).sum() / 1e3)
+    return float(np.quantile([(b - a - k) / 1e3 for (a, b), k in zip(runs, inside)], 0.25))
 
 
 def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], rounds: int, per_round: int,
@@ -219,11 +249,14 @@ def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], rounds: int, per
 def time_variants(paths: Sequence[str], example_inputs: Any, *, threads: int = 2,
                   providers: Sequence[str] = ("CPUExecutionProvider",),
                   optimization: str = "all", rounds: int = 20, per_round: int = 3,
-                  profile: bool | Sequence[bool] = True, pause: float = 0.03) -> list[Timing]:
+                  profile: bool | Sequence[bool] = True, pause: float = 0.0) -> list[Timing]:
     """Time the ONNX files ``paths`` against each other, interleaved (see the module docstring).
 
     Returns one ``Timing`` per path: its wall-clock latency over ``rounds * per_round`` runs
-    and, with ``profile`` (one flag, or one per path), the time of every kernel.
+    and, with ``profile`` (one flag, or one per path), the time of every kernel. Turns follow
+    each other without a ``pause`` by default: sleeping 30 ms before each turn (meant to let
+    spinning pools park, which stopping the spin now does) left each turn on a cold core, spread
+    the ratios about 1.5x wider and made a table take 2.5x as long to measure.
 
     Example:
         >>> t = time_variants(["dense.onnx", "pruned.onnx"], torch.randn(1, 3, 224, 224))

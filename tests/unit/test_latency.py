@@ -1,5 +1,6 @@
 """Latency-aware pruning: the kernel model, the allocation, the table file, and (timed, on one
-small net, ratios of interleaved medians) predictions and targets against onnxruntime itself."""
+small net with one onnxruntime thread, latency / dense of models timed in one interleaved run)
+predictions and targets against onnxruntime itself."""
 
 import json
 import math
@@ -26,8 +27,12 @@ def _block(i, o, s=1):
 
 
 def small_net():
+    """Six convolutions (1 ms at 64x64 on one thread, 95% of it in kernels): enough groups of
+    comparable cost that an allocation can land near any latency target, not only at the few
+    ratios four groups allow (with four, a target of 0.5 could only be 0.46 or 0.55)."""
     torch.manual_seed(0)
-    return nn.Sequential(_block(3, 32, 2), _block(32, 64), _block(64, 128, 2), _block(128, 128),
+    return nn.Sequential(_block(3, 32, 2), _block(32, 48), _block(48, 64, 2), _block(64, 96),
+                         _block(96, 128, 2), _block(128, 128),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
 
 
@@ -190,59 +195,59 @@ def test_plot_writes_the_step_curves(tmp_path):
 
 
 # ---------------------------------------------------------------------- onnxruntime itself
+# One onnxruntime thread: `make test` runs another pytest worker on the second of the 2 cores, and a
+# 2-thread session then waits at every parallel kernel for a thread the scheduler gave away (its
+# median swung 2x between repeats). Timed alone on its core, a run is what the kernels cost.
+THREADS = 1
+
+
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    """One table of the small net on this machine (a few seconds of exports and timing)."""
+    """One table of the small net on this machine (a few seconds of exports and timing; 60
+    rounds, where 20 left the wall clocks fitting the kernel model only within 4-10% under load
+    and the table fell back to the profiled clock, inflated by the profiler's cost per kernel)."""
     model = small_net()
     g = gp.trace(model, X64)
     cache = tmp_path_factory.mktemp("latency")
-    table = build_table(model, X64, g, threads=2, samples=8, rounds=20, sparsities=(0.2, 0.4),
+    table = build_table(model, X64, g, threads=THREADS, samples=8, rounds=60, sparsities=(0.2, 0.4),
                         cache=cache)
     return model, g, table, cache
 
 
-def _runs_of(g, table, plans, tmp_path, repeats):
-    """Latency / dense of each plan on the table's clock, in each of ``repeats`` interleaved runs
-    of the dense model and every plan together."""
+def measured_ratios(g, table, plans, tmp_path):
+    """Latency / dense of each plan on the table's clock, the dense model and every plan timed
+    together in one interleaved run (60 rounds): measured once, whatever it gives."""
     paths = [export_variant(g, w, X64, str(tmp_path / f"v{i}.onnx")) for i, w in enumerate([{}] + plans)]
-    runs = []
-    for _ in range(repeats):
-        ts = time_variants(paths, X64, threads=2, rounds=30)
-        runs.append([t.ms(table.clock) / ts[0].ms(table.clock) for t in ts[1:]])
-    return runs
-
-
-def settled_ratios(g, table, plans, tmp_path, expected, rel):
-    """Latency / dense of each plan: the median of 3 interleaved runs, and of 4 more when one plan
-    misses ``expected`` by more than ``rel`` (a load spike on a shared machine), the median then
-    taken over all 7: a real misprediction misses both times and still fails."""
-    runs = _runs_of(g, table, plans, tmp_path, 3)
-    got = np.median(np.array(runs), axis=0)
-    if all(abs(m / e - 1) < rel for m, e in zip(got, expected)):
-        return got
-    runs += _runs_of(g, table, plans, tmp_path, 4)
-    return np.median(np.array(runs), axis=0)
+    ts = time_variants(paths, X64, threads=THREADS, rounds=60)
+    return [t.ms(table.clock) / ts[0].ms(table.clock) for t in ts[1:]]
 
 
 def test_built_table_is_cached_per_model_and_machine(measured):
     model, g, table, cache = measured
-    again = build_table(model, X64, g, threads=2, samples=8, rounds=20, sparsities=(0.2, 0.4),
+    again = build_table(model, X64, g, threads=THREADS, samples=8, rounds=60, sparsities=(0.2, 0.4),
                         cache=cache)
     assert again == table  # read back, not measured again
-    assert table.key["machine"]["threads"] == 2 and table.key["model"]["class"] == "Sequential"
+    assert table.key["machine"]["threads"] == THREADS and table.key["model"]["class"] == "Sequential"
     assert set(table.sizes) == {grp.name for grp in g.prunable_groups}
     assert not table.unmatched and all(k.groups for k in table.kernels if k.op == "Conv")
 
 
-# Timed against a fresh measurement: another test process sharing the 2 cores skews it by 20-40%,
-# so these run in the heavy tier (make zoo), on a machine doing nothing else.
+# Timed against a fresh measurement. One thread, spinning stopped, no pauses and 60 rounds made
+# them pass 18 of 21 `-n 2` runs on a 2-core machine also loaded by other jobs (load 2.5-9); the
+# misses: predictions of the smallest plans 17% high twice, a target re-measured 19% low once.
+# Variants designed down to 10% of a group (``lowest=0.1``, as far as allocations cut) did not help:
+# over 11 paired builds the errors spread wider (sd 5% vs 4%, worst +18% vs +12%). What is left, a
+# +3% mean over-prediction, is the same for plans at 0.55 and at 0.27 of dense, while the table's
+# own held-out uniform variants are predicted without bias (-0.4% +- 2%): it comes from timing in
+# another run, not from the calibration's shape. Until that holds every time they stay in the heavy
+# tier (make zoo).
 @pytest.mark.zoo
 def test_prediction_of_pruned_nets_within_15_percent_of_measured(measured, tmp_path):
     _, g, table, _ = measured
     plans = [uniform_widths(dict(table.sizes), 0.5, table.round_to),
-             latency_amounts(g, l1(g), 0.6, table)]
+             latency_amounts(g, l1(g), 0.6, table), latency_amounts(g, l1(g), 0.4, table)]
     predicted = [table.predict_ratio(w) for w in plans]
-    got = settled_ratios(g, table, plans, tmp_path, predicted, 0.15)
+    got = measured_ratios(g, table, plans, tmp_path)
     assert max(predicted) < 0.8  # the plans really are faster: the check means something
     for p, m in zip(predicted, got):
         assert abs(p / m - 1) < 0.15, (table.clock, predicted, got)
@@ -250,13 +255,19 @@ def test_prediction_of_pruned_nets_within_15_percent_of_measured(measured, tmp_p
 
 @pytest.mark.zoo  # timed, see above
 def test_latency_target_is_met(measured, tmp_path):
-    _, g, table, _ = measured
+    model, g, table, _ = measured
     amounts = latency_amounts(g, l1(g), 0.5, table)
-    (got,) = settled_ratios(g, table, [amounts], tmp_path, [0.5], 0.15)
-    assert math.isclose(got, 0.5, rel_tol=0.15), (table.clock, got)
     rep = latency_report(g, amounts, table, target=0.5, measure=False)
     assert rep.params[1] < rep.params[0] and rep.macs[1] < rep.macs[0]
     assert rep.predicted_ratio <= 0.5 + 1e-9 and rep.measured_ratio is None
+    # what prune does with a target: allocate, time against dense, re-aim if it misses by > 5%
+    r = gp.prune(model, X64, target_latency=0.5, latency_table=table, latency_rounds=60)
+    kept = _kept(r.plan)
+    assert r.latency.measured_ratio is not None
+    # ... and a fresh measurement of the model it chose, independent of the one it aimed with
+    (got,) = measured_ratios(g, table, [kept], tmp_path)
+    assert math.isclose(got, 0.5, rel_tol=0.15), (table.clock, r.latency.predicted_ratio,
+                                                 r.latency.measured_ratio, got)
 
 
 # ---------------------------------------------------------------------- prune(target_latency=...)
@@ -269,10 +280,12 @@ def test_prune_allocates_under_the_latency_target(measured):
 
     model, g, table, cache = measured
     snap = snapshot(model)
-    r = gp.prune(model, X64, target_latency=0.5, latency_table=str(cache), latency_rounds=0)
+    r = gp.prune(model, X64, target_latency=0.5, latency_table=str(cache), latency_rounds=0,
+                 latency_threads=THREADS)
     assert_unchanged(model, snap)
     assert r.latency.dense_ms == table.dense_ms  # the cached table was read, not measured again
-    want = latency_amounts(g, l1(g), 0.5, table)
+    want = latency_amounts(g, l1(g), 0.5, table,
+                           max_group_sparsity=gp.PruneConfig().max_group_sparsity)  # prune's
     assert _kept(r.plan) == {n: k for n, k in want.items() if n in r.plan.groups}
     assert all(want[n] == g.group(n).size for n in want if n not in r.plan.groups)
     assert table.predict_ratio(_kept(r.plan)) <= 0.5 + 1e-9
@@ -307,7 +320,7 @@ def test_round_to_auto_follows_the_table_and_warns_from_it(measured):
     assert r.plan.meta["round_to"] == table.round_to
     assert all(k % table.round_to == 0 for k in _kept(r.plan).values())
     assert r.latency.target is None and r.latency.warning is None
-    odd = gp.prune(model, X64, sparsity=0.3, latency_table=table)  # round_to=1: 22, 45, 90, 90
+    odd = gp.prune(model, X64, sparsity=0.3, latency_table=table)  # round_to=1: 22, 34, 45, 67...
     assert odd.latency.predicted_ratio < 1
     # the warning quotes what this machine measured: unaligned uniform prunings slower than dense
     slow = [q for r, pts in table.uniform_ratios().items() if r == 1 for _, q in pts if q >= 1.0]
@@ -350,9 +363,9 @@ def test_cli_prunes_to_a_latency_target_and_prints_the_table(measured, tmp_path,
     spec = ["--model", "tests.unit.test_latency:small_net", "--input-shape", "1,3,64,64"]
     out = tmp_path / "out"
     code = main(["prune", *spec, "--data", "random", "--target-latency", "0.5", "--latency-table",
-                 str(cache), "--latency-rounds", "0", "--device", "cpu", "--no-reconstruct",
-                 "--finetune-epochs", "0", "--quantize", "none", "--exporter", "legacy",
-                 "--out", str(out), "--quiet"])
+                 str(cache), "--latency-threads", str(THREADS), "--latency-rounds", "0", "--device",
+                 "cpu", "--no-reconstruct", "--finetune-epochs", "0", "--quantize", "none",
+                 "--exporter", "legacy", "--out", str(out), "--quiet"])
     assert code == 0, capsys.readouterr().err
     plan = json.loads((out / "plan.json").read_text())
     assert plan["meta"]["target_latency"] == 0.5 and plan["meta"]["latency_predicted"] <= 0.5
@@ -361,7 +374,7 @@ def test_cli_prunes_to_a_latency_target_and_prints_the_table(measured, tmp_path,
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["prune"]["device"] == "cpu" and recipe["prune"]["latency_table"] == str(cache)
     capsys.readouterr()
-    assert main(["bench", "--latency-table", str(cache), *spec]) == 0
+    assert main(["bench", "--latency-table", str(cache), "--threads", str(THREADS), *spec]) == 0
     shown = capsys.readouterr().out
     assert "latency table: Sequential" in shown and f"round_to='auto' -> {table.round_to}" in shown
     assert main(["prune", *spec, "--target-latency", "1.5", "--out", str(tmp_path / "bad")]) == 2
