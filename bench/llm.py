@@ -12,6 +12,7 @@ models in the same run (median of ``--repeats``).
     python bench/llm.py [--threads 2] [--cache-dir DIR] [--calibration 32] [--repeats 5]
                         [--ratios 0.2,0.3,0.5] [--finetune-steps 200] [--eval-windows N]
     python bench/llm.py --scale [--layers 22] [--dtype float32]   # TinyLlama-shaped timing
+    python bench/llm.py --gqa-compare   # key/value groups vs query heads inside each group
 
 Pruned rows come from ``methods(graph, ratios)``: ``(name, prune_fn)`` where
 ``prune_fn(model, calibration_ids) -> pruned model`` must leave ``model`` untouched
@@ -22,6 +23,10 @@ allocation, ``flap_amounts``) the same total.
 ``--scale`` times ``prune_lm`` (FLAP and greedy + least squares, 20%) on a randomly initialised
 TinyLlama-shaped model (22 layers, hidden 2048, 32/4 heads, MLP 5632: 1.1B parameters) on 32 x
 128 calibration tokens, each method in its own process (wall time, peak RSS of that process).
+
+``--gqa-compare`` prunes the same model with ``gqa="group"`` (a key/value head and its query
+heads are one unit) and ``gqa="query"`` (key/value heads stay; query heads go evenly from every
+group) at the same ratios of attention + MLP parameters, for the methods in ``GQA_SETTINGS``.
 """
 
 from __future__ import annotations
@@ -63,15 +68,21 @@ SETTINGS: list[tuple[str, dict, bool]] = [
 ]
 
 
+GQA_SETTINGS = ["l1", "FLAP (adaptive, as published)", "greedy + LS, adaptive"]
+
+
+def pruner(graph, kw: dict, ratio: float) -> PruneFn:
+    """``prune_lm`` with these settings on a model whose graph is ``graph``."""
+    from graphprune.lm.pruning import prune_lm
+
+    return lambda model, calib: prune_lm(model, calib, remove=ratio, graph=graph, **kw).model
+
+
 def methods(graph, ratios=RATIOS) -> list[tuple[str, PruneFn]]:
     """One ``(name, prune_fn)`` per setting and ratio; ``graph`` is the dense model's (traced
     once: every method prunes the same model)."""
-    from graphprune.lm.pruning import prune_lm
-
-    def make(kw: dict, ratio: float) -> PruneFn:
-        return lambda model, calib: prune_lm(model, calib, remove=ratio, graph=graph, **kw).model
-
-    return [(f"{label} {ratio:.0%}", make(kw, ratio)) for ratio in ratios for label, kw, _ in SETTINGS]
+    return [(f"{label} {ratio:.0%}", pruner(graph, kw, ratio)) for ratio in ratios
+            for label, kw, _ in SETTINGS]
 
 
 @dataclass
@@ -177,6 +188,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--scale-one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--gqa-compare", action="store_true",
+                    help="prune with gqa='group' and gqa='query' and compare (no fine-tune)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.scale_one:
@@ -209,6 +222,8 @@ def main() -> None:
     calib = corpus_calibration(lm.tokenizer, args.calibration, spec.seq_len, seed=0, corpus=lm.corpus)
     print(f"calibration: {args.calibration} x {spec.seq_len} tokens of the train split", flush=True)
     rows = [measure("dense", lm.model, test, spec.seq_len, max_windows=args.eval_windows)]
+    if args.gqa_compare:
+        return gqa_compare(lm.model, rows[0], calib, test, spec.seq_len, ratios, args.eval_windows)
     graph = trace(lm.model, calib[:1])
     rows += prune_rows(lm.model, methods(graph, ratios), calib, test, spec.seq_len, args.eval_windows)
     if args.finetune_steps:
@@ -225,6 +240,44 @@ def main() -> None:
     throughput(rows, test[: min(n, 8) * spec.seq_len].view(-1, spec.seq_len), args.repeats)
     print_table(rows)
     verdict(rows, ratios)
+
+
+def _heads(model: torch.nn.Module) -> str:
+    """Query / key-value heads summed over the layers."""
+    attn = [layer.self_attn for layer in model.model.layers]
+    hd = attn[0].head_dim
+    q = sum(a.q_proj.weight.shape[0] // hd for a in attn)
+    kv = sum(a.k_proj.weight.shape[0] // hd for a in attn)
+    return f"{q}/{kv}"
+
+
+def gqa_compare(dense: torch.nn.Module, dense_row: Row, calib: torch.Tensor, test: torch.Tensor,
+                seq_len: int, ratios: tuple[float, ...], max_windows: int | None) -> None:
+    """The same methods and ratios with both grouped-query modes, one table."""
+    from graphprune import trace
+
+    settings = {label: kw for label, kw, _ in SETTINGS if label in GQA_SETTINGS}
+    found: dict[tuple[str, float, str], Row] = {}
+    for mode in ("group", "query"):
+        graph = trace(dense, calib[:1], gqa=mode)
+        fns = [(f"{label} {ratio:.0%} gqa={mode}", pruner(graph, kw, ratio))
+               for ratio in ratios for label, kw in settings.items()]
+        for row in prune_rows(dense, fns, calib, test, seq_len, max_windows):
+            label, ratio = row.name.rsplit(" gqa=", 1)[0].rsplit(" ", 1)
+            found[(label, float(ratio.rstrip("%")) / 100, mode)] = row
+    print(f"dense: perplexity {dense_row.ppl:.2f}, heads (query/key-value, all layers) "
+          f"{_heads(dense)}")
+    print("| method | target | gqa='group': removed, heads, perplexity | gqa='query': removed, heads, "
+          "perplexity |")
+    print("| --- | ---: | --- | --- |")
+    for ratio in ratios:
+        for label in settings:
+            cells = []
+            for mode in ("group", "query"):
+                r = found[(label, ratio, mode)]
+                cells.append(f"{1 - r.block_params / dense_row.block_params:.1%}, {_heads(r.model)}, "
+                             f"{r.ppl:.2f}")
+            print(f"| {label} | {ratio:.0%} | {cells[0]} | {cells[1]} |")
 
 
 # ---------------------------------------------------------------------- scale

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import time
@@ -64,9 +65,10 @@ def main() -> None:
 
     print(f"# {time.strftime('%Y-%m-%d')} {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, torch-pruning "
-          f"{torch_pruning.__version__}; median of {args.repeats} interleaved runs")
+          f"{torch_pruning.__version__}; median of {args.repeats} interleaved runs; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'model':<16} {'torch-pruning s':>15} {'graphprune s':>13} {'gp no-verify s':>15} "
-          f"{'TP/gp':>7} {'params TP':>11} {'params gp':>11}")
+          f"{'gp/TP':>6} {'no-verify/TP':>12} {'params TP':>11} {'params gp':>11}")
     rows = []
     for name in args.models.split(","):
         base = torchvision.models.get_model(name, weights=None).eval()
@@ -84,8 +86,9 @@ def main() -> None:
             gpn.append(dt)
         a, b, c = statistics.median(tps), statistics.median(gps), statistics.median(gpn)
         rows.append((name, a, b, c))
-        print(f"{name:<16} {a:>15.3f} {b:>13.3f} {c:>15.3f} {a / b:>7.2f} {p_tp:>11,} {p_gp:>11,}",
-              flush=True)
+        print(f"{name:<16} {a:>15.3f} {b:>13.3f} {c:>15.3f} {b / a:>6.2f} {c / a:>12.2f} "
+              f"{p_tp:>11,} {p_gp:>11,}", flush=True)
+    print(f"# load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from ._validate import check_choice
 from .errors import GraphPruneError, TraceError
 from .graph import ChannelGraph
 from .grouping import build_graph
+from ._heap import frozen_heap
 from .probe import probe_export_graph
 from .regions import region_graph
 from .rules.registry import module_rule_for
@@ -47,6 +48,7 @@ def _unreached(model: nn.Module, traced: Traced) -> list[str]:
 
 
 TRACERS = ("auto", "fx", "export", "regions")
+GQA_MODES = ("group", "query")
 
 
 def _frozen_leaves(model: nn.Module, t: Traced) -> list[str]:
@@ -56,13 +58,15 @@ def _frozen_leaves(model: nn.Module, t: Traced) -> list[str]:
             and any(True for _ in mods[p].parameters())]
 
 
-def _export_graph(model: nn.Module, example_inputs: Any, why: str, strict: bool) -> ChannelGraph:
-    g = build_graph(model, [export_trace(model, example_inputs, why=why)], strict=strict)
+def _export_graph(model: nn.Module, example_inputs: Any, why: str, strict: bool,
+                  gqa: str = "group") -> ChannelGraph:
+    g = build_graph(model, [export_trace(model, example_inputs, why=why)], strict=strict, gqa=gqa)
     return g.with_frozen(probe_export_graph(g))
 
 
+@frozen_heap()
 def trace(model: nn.Module, example_inputs: Any, *, tracer: str = "auto",
-          strict: bool | None = None) -> ChannelGraph:
+          strict: bool | None = None, gqa: str = "group") -> ChannelGraph:
     """Trace ``model`` into its channel-dependency graph.
 
     ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs
@@ -82,27 +86,34 @@ def trace(model: nn.Module, example_inputs: Any, *, tracer: str = "auto",
     ``strict``: a channel rule that crashes raises instead of freezing the channels it touches
     (for rule authors and test suites; default: ``graphprune.checks().strict``).
 
+    ``gqa``: how heads of grouped-query attention (fewer key/value heads than query heads) go:
+    ``"group"`` (a key/value head and the query heads that read it are one unit) or ``"query"``
+    (every key/value head stays; query heads go, the same number from every key/value group, so
+    ``num_key_value_groups`` stays an integer; the same slot of every group goes together, as the
+    channels of a grouped convolution do).
+
     Raises:
         TraceError: neither torch.fx nor torch.export can capture the model.
         InputError: the example inputs do not fit the model's forward.
-        ConfigError: an unknown ``tracer``.
+        ConfigError: an unknown ``tracer`` or ``gqa``.
 
     Example:
         >>> g = graphprune.trace(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
         >>> len(g.prunable_groups)
     """
     check_choice(tracer, "tracer", "trace", TRACERS)
+    check_choice(gqa, "gqa", "trace", GQA_MODES)
     strict = checks().strict if strict is None else bool(strict)
     if is_hf_model(model):  # no KV cache while capturing; HF forwards need torch.export
         args, kwargs = normalize_inputs(example_inputs)
         example_inputs = Inputs(args, capture_kwargs(model, kwargs))
         if tracer == "auto":
             tracer, why = "export", "a Hugging Face model (torch.fx cannot trace its forward)"
-            return _export_graph(model, example_inputs, why, strict)
+            return _export_graph(model, example_inputs, why, strict, gqa)
     if tracer == "export":
-        return _export_graph(model, example_inputs, "requested", strict)
+        return _export_graph(model, example_inputs, "requested", strict, gqa)
     if tracer == "regions":
-        return region_graph(model, example_inputs, why="requested", strict=strict)
+        return region_graph(model, example_inputs, why="requested", strict=strict, gqa=gqa)
     try:
         traced = [trace_model(model, example_inputs, mode="eval")]
     except TraceError as e:
@@ -110,10 +121,10 @@ def trace(model: nn.Module, example_inputs: Any, *, tracer: str = "auto",
             raise
         try:  # a failed torch.export prints its partial graph on stderr; its error says why
             with contextlib.redirect_stderr(io.StringIO()):
-                return _export_graph(model, example_inputs, f"torch.fx failed: {e}", strict)
+                return _export_graph(model, example_inputs, f"torch.fx failed: {e}", strict, gqa)
         except TraceError as e2:
             try:  # the submodules that trace, each on what the model really feeds it
-                return region_graph(model, example_inputs, strict=strict,
+                return region_graph(model, example_inputs, strict=strict, gqa=gqa,
                                     why="neither torch.fx nor torch.export captures the model")
             except TraceError as e3:
                 raise TraceError(f"{e}\n{e2}\n{e3}") from e
@@ -124,13 +135,13 @@ def trace(model: nn.Module, example_inputs: Any, *, tracer: str = "auto",
             t2 = None
         if t2 is not None and len(_unreached(model, t2)) < len(_unreached(model, traced[0])):
             traced.append(t2)
-    g = build_graph(model, traced, strict=strict)
+    g = build_graph(model, traced, strict=strict, gqa=gqa)
     frozen = _frozen_leaves(model, traced[0]) if tracer == "auto" else []
     if frozen:
         try:
             why = (f"torch.fx could not trace {len(frozen)} module(s) with parameters "
                    f"({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''})")
-            g2 = _export_graph(model, example_inputs, why, strict)
+            g2 = _export_graph(model, example_inputs, why, strict, gqa)
         except GraphPruneError:
             return g
         if g2.prunable_channels > g.prunable_channels:

@@ -22,6 +22,7 @@ from ._validate import check_choice, check_fraction, check_int
 from .errors import ConfigError, did_you_mean
 
 TRACERS = ("auto", "fx", "export", "regions")  # capture.TRACERS (kept import-free here)
+GQA_MODES = ("group", "query")  # capture.GQA_MODES
 TARGETS = ("target_macs", "target_params", "target_latency")
 DEVICES = "'cpu', 'cuda', 'cuda:N' or 'auto'"
 
@@ -116,6 +117,10 @@ class PruneConfig:
     tracer: str = field(default="auto", metadata=_opt(
         "graph capture: torch.fx, torch.export, traceable submodules as regions, or fx falling back "
         "to export, then regions", choices=TRACERS))
+    gqa: str = field(default="group", metadata=_opt(
+        "grouped-query attention: remove a key/value head with its query heads ('group'), or keep "
+        "every key/value head and remove query heads, the same number in every group ('query')",
+        choices=GQA_MODES))
     device: str | None = field(default=None, metadata=_opt(
         "where pruning runs (calibration, selection, reconstruction) and the pruned model lives: "
         "cpu, cuda, cuda:N or auto (a GPU if there is one); None = where the model is",
@@ -162,6 +167,7 @@ class PruneConfig:
         check_fraction(self.max_group_sparsity, "max_group_sparsity", owner)
         check_int(self.seed, "seed", owner)
         check_choice(self.tracer, "tracer", owner, TRACERS)
+        check_choice(self.gqa, "gqa", owner, GQA_MODES)
         if self.verify is not None:
             check_choice(self.verify, "verify", owner, (True, False, "full"))
         if self.plan is not None and not isinstance(self.plan, str):

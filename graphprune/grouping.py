@@ -8,7 +8,6 @@ touch the same set of channel axes (and are frozen alike) form a *group*.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -41,24 +40,43 @@ CHANNELS_FROM = "graphprune_channels_from"
 OUTPUT_REASON = "graphprune_output_reason"
 
 
-def _tie_members(b: Builder) -> None:
+def _flat_members(b: Builder) -> tuple[dict[tuple[str, int], int], np.ndarray, np.ndarray,
+                                        np.ndarray, np.ndarray]:
+    """Every member in flat arrays: the (param, dim) keys in first-seen order, each member's
+    offset into the arrays, and per entry its element, parameter index and key id."""
+    keys: dict[tuple[str, int], int] = {}
+    kid = [keys.setdefault((m.param, m.dim), len(keys)) for m in b.members]
+    sizes = np.fromiter((m.elems.size for m in b.members), dtype=np.int64, count=len(b.members))
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    if not b.members:
+        z = np.zeros(0, dtype=np.int64)
+        return keys, offsets, z, z, z
+    m_elems = np.concatenate([m.elems for m in b.members])
+    m_index = np.concatenate([m.index for m in b.members])
+    m_key = np.repeat(np.asarray(kid, dtype=np.int64), sizes)
+    return keys, offsets, m_elems, m_index, m_key
+
+
+def _tie_members(b: Builder, m_elems: np.ndarray, m_index: np.ndarray, m_key: np.ndarray) -> None:
     """Elements that remove the same index of the same parameter are one unit (weight tying,
     a module called twice, the same local index of every conv group)."""
-    by_key: dict[tuple[str, int], list[Any]] = defaultdict(list)
-    for m in b.members:
-        by_key[(m.param, m.dim)].append(m)
-    for ms in by_key.values():
-        e = np.concatenate([m.elems for m in ms])
-        i = np.concatenate([m.index for m in ms])
-        order = np.argsort(i, kind="stable")
-        e, i = e[order], i[order]
-        same = i[1:] == i[:-1]
-        b.couple(e[:-1][same], e[1:][same])
+    if not m_key.size:
+        return
+    span = int(m_index.max()) + 1
+    if m_index.min() >= 0 and (int(m_key.max()) + 1) * span < 2**62:  # one int64 sort key
+        order = np.argsort(m_key * span + m_index, kind="stable")
+    else:
+        order = np.lexsort((m_index, m_key))
+    # by key, then index, then recording order
+    k, i, e = m_key[order], m_index[order], m_elems[order]
+    same = (k[1:] == k[:-1]) & (i[1:] == i[:-1])
+    b.couple(e[:-1][same], e[1:][same])
 
 
 def _group(b: Builder) -> tuple[list[Group], ElementIndex]:
     """Units (connected components) and groups of the element space ``b`` describes."""
-    _tie_members(b)
+    keys, offsets, m_elems, m_index, m_key = _flat_members(b)
+    _tie_members(b, m_elems, m_index, m_key)
     n = b.n
     ea, eb = b.edges()
     adj = sp.coo_matrix((np.ones(ea.size, dtype=np.int8), (ea, eb)), shape=(n, n))
@@ -98,30 +116,31 @@ def _group(b: Builder) -> tuple[list[Group], ElementIndex]:
     starts = np.searchsorted(sorted_g, np.arange(order.size))
     comp_unit[src_comps[for_units]] = np.arange(for_units.size) - starts[sorted_g]
     np.add.at(counts, gid, 1)
-    # members per group
+    # members per group (group range of every member at once; -1: no group, or no entries)
     per_group: list[list[GroupMember]] = [[] for _ in range(order.size)]
-    for m in b.members:
-        c = comp[m.elems]
-        g = comp_group[c]
-        if not g.size or g.max() < 0:
+    c_all = comp[m_elems]
+    g_all, u_all = comp_group[c_all], comp_unit[c_all]
+    gmin = np.full(len(b.members), -1, dtype=np.int64)
+    gmax = gmin.copy()
+    full = np.flatnonzero(offsets[1:] > offsets[:-1])
+    if full.size:
+        gmin[full] = np.minimum.reduceat(g_all, offsets[full])
+        gmax[full] = np.maximum.reduceat(g_all, offsets[full])
+    lo, hi, ends = gmin.tolist(), gmax.tolist(), offsets.tolist()
+    for j, m in enumerate(b.members):
+        if hi[j] < 0:
             continue
-        if g.min() == g.max():  # the usual case: the whole member is in one group
-            per_group[g[0]].append(GroupMember(m.param, m.dim, m.role, m.module,
-                                               comp_unit[c], m.index, m.pos))
+        a0, a1 = ends[j], ends[j + 1]
+        if lo[j] == hi[j]:  # the usual case: the whole member is in one group
+            per_group[hi[j]].append(GroupMember(m.param, m.dim, m.role, m.module,
+                                                u_all[a0:a1], m.index, m.pos))
             continue
+        c, g = c_all[a0:a1], g_all[a0:a1]
         for gg in unique(g[g >= 0]):
             s = g == gg
             per_group[gg].append(GroupMember(m.param, m.dim, m.role, m.module,
                                              comp_unit[c[s]], m.index[s], m.pos[s]))
-    # all members flattened, for applying plans in one vectorised pass
-    keys: dict[tuple[str, int], int] = {}
-    kid = [keys.setdefault((m.param, m.dim), len(keys)) for m in b.members]
-    if b.members:
-        m_elems = np.concatenate([m.elems for m in b.members])
-        m_index = np.concatenate([m.index for m in b.members])
-        m_key = np.repeat(np.asarray(kid, dtype=np.int64), [m.elems.size for m in b.members])
-    else:
-        m_elems = m_index = m_key = np.zeros(0, dtype=np.int64)
+    # all members flattened (``_flat_members``), for applying plans in one vectorised pass
     index = ElementIndex(comp, int(ncomp), comp_group, comp_unit, list(keys), m_elems, m_index,
                          m_key)
     groups: list[Group] = []
@@ -249,14 +268,17 @@ def _nodes_in(a: Any) -> list[fx.Node]:
     return found
 
 
-def build_graph(model: nn.Module, traced: list[Traced], *, strict: bool = False) -> ChannelGraph:
+def build_graph(model: nn.Module, traced: list[Traced], *, strict: bool = False,
+                gqa: str = "group") -> ChannelGraph:
     """Run the channel rules over one or more traces of ``model`` and group the channels.
 
     With ``strict`` a rule that crashes raises (a graphprune bug to report); otherwise the
-    channels the failing node touches are frozen and the reason is recorded.
+    channels the failing node touches are frozen and the reason is recorded. ``gqa``: see
+    ``graphprune.trace``.
     """
     params, aliases = param_table(model)
     b = Builder(params, aliases)
+    b.gqa = gqa
     b.modules = dict(model.named_modules(remove_duplicate=False))
     for k, t in enumerate(traced):
         b.prefix = "" if k == 0 else f"{t.mode}:"

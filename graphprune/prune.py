@@ -22,6 +22,7 @@ from .capture import trace
 from .config import PruneConfig, resolve
 from .errors import ConfigError
 from .graph import ChannelGraph
+from ._heap import frozen_heap
 from .plan import Plan, group_sparsities, plan_from_scores
 from .report import Report, build_report
 
@@ -191,6 +192,7 @@ def _to(x: Any, dev: torch.device) -> Any:
     return x
 
 
+@frozen_heap()
 def prune(model: nn.Module, example_inputs: Any, settings: PruneConfig | None = None, *,
           calibration: Any = None, plan: Plan | str | None = None, latency_table: Any = None,
           inplace: bool = False,
@@ -252,7 +254,7 @@ def prune(model: nn.Module, example_inputs: Any, settings: PruneConfig | None = 
     if calibration is not None:
         calib = as_calibration(calibration, example_inputs)
     model, example_inputs, dev = _on_device(model, example_inputs, cfg.device, inplace)
-    graph = trace(model, example_inputs, tracer=cfg.tracer, strict=cfg.strict)
+    graph = trace(model, example_inputs, tracer=cfg.tracer, strict=cfg.strict, gqa=cfg.gqa)
     t1 = time.perf_counter()
     ctx = ScoreContext(params=graph.params, rng=np.random.default_rng(cfg.seed), calibration=calib,
                        graph=graph)

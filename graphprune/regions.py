@@ -301,7 +301,7 @@ def verify_regions(graph: ChannelGraph, new: nn.Module, shapes: dict) -> None:
 
 # ---------------------------------------------------------------------- the entry point
 def region_graph(model: nn.Module, example_inputs: Any, *, why: str = "requested",
-                 strict: bool = False) -> ChannelGraph:
+                 strict: bool = False, gqa: str = "group") -> ChannelGraph:
     """The channel graph of ``model`` captured as regions (see the module docstring).
 
     Raises:
@@ -325,7 +325,7 @@ def region_graph(model: nn.Module, example_inputs: Any, *, why: str = "requested
                                    why=f"captured as regions ({why}): {listing}" if k == 0 else r.why)
                for k, r in enumerate(regions)]
     del keep
-    g = build_graph(model, regions, strict=strict)
+    g = build_graph(model, regions, strict=strict, gqa=gqa)
     from .region_probe import probe_regions  # it runs regions: it imports this module
 
     return g.with_frozen(probe_regions(g))

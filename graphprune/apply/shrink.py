@@ -67,9 +67,13 @@ def kept_indices(graph: ChannelGraph, comp_keep: np.ndarray) -> dict[str, dict[i
     gone[flat[~k]] = True
     if gone[flat[k]].any():  # the tie coupling makes this impossible; guard against rule bugs
         raise PlanError("internal: a parameter index is both kept and removed")
-    for key in unique(graph.m_key[~k]):
+    left = np.flatnonzero(~gone)  # every kept index, in flat space (sorted)
+    keys = unique(graph.m_key[~k])
+    lo = np.searchsorted(left, offset[keys]).tolist()
+    hi = np.searchsorted(left, offset[keys + 1]).tolist()
+    for key, a, z in zip(keys.tolist(), lo, hi):
         p, d = graph.member_keys[key]
-        out[p][d] = np.flatnonzero(~gone[offset[key]:offset[key + 1]])
+        out[p][d] = left[a:z] - offset[key]
     return dict(out)
 
 
@@ -198,12 +202,13 @@ def _resize_modules(graph: ChannelGraph, mods: dict[str, nn.Module], shapes: dic
         fn = resizer_for(m)
         if fn is not None and (in_shape is None or isinstance(in_shape, tuple)):
             fn(m, in_shape)
-    # head counts / widths that user code passes to reshape as module attributes
+    # head counts / widths that user code passes to reshape as module attributes: the new size
+    # of a node's dim, divided by ``per`` (query heads per key/value head: divided by the heads)
     ks = {id(t.graph): k for k, t in enumerate(graph.traced)}
-    for path, attr, node, d in graph.attr_sizes:
+    for path, attr, node, d, *per in graph.attr_sizes:
         shape = shapes.get((ks.get(id(node.graph), 0), node.name))
         if isinstance(shape, tuple) and d < len(shape) and isinstance(shape[d], int):
-            setattr(mods[path], attr, shape[d])
+            setattr(mods[path], attr, shape[d] // (per[0] if per else 1))
 
 
 def masks_from_kept(graph: ChannelGraph, kept: dict[str, dict[int, np.ndarray]],
@@ -258,6 +263,12 @@ def verify_shapes(graph: ChannelGraph, new: nn.Module, shapes: dict) -> None:
                 f"internal: the pruned model no longer runs ({e}). This is a graphprune bug; "
                 "please report it with the model. Work around it by passing ignore=[...] for the "
                 "module named in the message.") from e
+        if [n.target for n in graph2.nodes] != [n.target for n in t.graph.nodes]:
+            # the model's code took another path once pruned (HF's repeat_kv returns early when
+            # one query head per key/value head is left): node names no longer correspond, so
+            # values are checked where they still do, at every layer's input and output
+            verify_layers(graph, new, shapes)
+            continue
         for node in graph2.nodes:
             want = shapes.get((k, node.name))
             got = _flat_shapes(values.get(node))

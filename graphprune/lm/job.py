@@ -11,7 +11,6 @@ one window) is held out for perplexity, calibration windows are drawn from the r
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import tempfile
@@ -187,7 +186,6 @@ def run_lm(recipe: Any, model: nn.Module, out_dir: str, *, log: Log | None = Non
     from ..export.decoder import export_decoder
     from ..export.decoder_session import DecoderSession
     from ..hf import save_pruned
-    from ..io import atomic_write_text
     from ..prune import prune
     from ..specs import load_weights
     from .eval import perplexity
@@ -231,7 +229,8 @@ def run_lm(recipe: Any, model: nn.Module, out_dir: str, *, log: Log | None = Non
                               "+ MLP parameters: give a sparsity (not a MACs/params/latency target).",
                               param="sparsity")
         r = prune_lm(model, data.calibration, remove=p.sparsity, method=p.method,
-                     reconstruct=p.reconstruct, adaptive=True, device=p.device, progress=progress)
+                     reconstruct=p.reconstruct, adaptive=True, device=p.device, gqa=p.gqa,
+                     progress=progress)
     else:
         r = prune(model, data.calibration[:1], p.replace(seed=recipe.seed),
                   calibration=data.calibration, progress=progress)
@@ -264,7 +263,7 @@ def run_lm(recipe: Any, model: nn.Module, out_dir: str, *, log: Log | None = Non
 
         def finish(stage: str, report: dict[str, Any]) -> None:
             """Measure the staged files; add the Hugging Face directory and the main job's files."""
-            from ..pipeline import report_markdown
+            from ..pipeline_report import write_report_files
 
             sess = DecoderSession(os.path.join(stage, "model.onnx"), threads=2)
             onnx = report["onnx"]
@@ -292,9 +291,7 @@ def run_lm(recipe: Any, model: nn.Module, out_dir: str, *, log: Log | None = Non
                          "held_out_windows": min(max_w, int(data.held_out.numel()) // L)},
                 "before": before, "after": after,
                 "timings_s": {**times, "total": time.perf_counter() - t_start}})
-            atomic_write_text(os.path.join(stage, "report.md"), report_markdown(report))
-            atomic_write_text(os.path.join(stage, "recipe.json"),
-                              json.dumps(recipe.to_dict(), indent=1) + "\n")
+            write_report_files(stage, report, recipe)
 
         log("exporting the pruned decoder with its KV cache" + (" (+ int8 weight-only)" if quantize else ""))
         return export_bundle_lm(out_dir, pruned, tokenizer=tok, result=r, quantize=quantize, kv_cache=True,

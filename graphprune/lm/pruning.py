@@ -58,6 +58,14 @@ def unit_cost(graph: ChannelGraph, g: Group) -> float:
     return total / g.size
 
 
+def block_params(graph: ChannelGraph, prefix: str) -> int:
+    """Attention + MLP parameters of the block at ``prefix`` (frozen ones too: with
+    ``gqa="query"`` the key/value projections stay, and still count in the share removed)."""
+    return sum(t.numel() for name, t in graph.params.items()
+               if isinstance(t, torch.nn.Parameter) and name.startswith(prefix)
+               and name[len(prefix):].startswith(("self_attn.", "mlp.")))
+
+
 def block_amounts(graph: ChannelGraph, remove: float) -> dict[str, int]:
     """Units kept per group so that every block loses ``remove`` of its attention + MLP
     parameters (attention groups rounded to whole units, the MLP making up the rest).
@@ -66,9 +74,9 @@ def block_amounts(graph: ChannelGraph, remove: float) -> dict[str, int]:
     """
     check_fraction(remove, "remove", "block_amounts")
     out: dict[str, int] = {}
-    for gs in block_groups(graph).values():
+    for prefix, gs in block_groups(graph).items():
         costs = [unit_cost(graph, g) for g in gs]
-        budget = remove * sum(c * g.size for c, g in zip(costs, gs))
+        budget = remove * block_params(graph, prefix)
         heads = [g for g in gs if _consumer(g).endswith(STAGES[0])]
         rest = [(g, c) for g, c in zip(gs, costs) if g not in heads]
         for g, c in zip(gs, costs):
@@ -103,7 +111,8 @@ def flap_amounts(graph: ChannelGraph, calibration: Any, remove: float) -> dict[s
     from .decoder import supports
 
     check_fraction(remove, "remove", "flap_amounts")
-    groups = [g for gs in block_groups(graph).values() for g in gs]
+    blocks = block_groups(graph)
+    groups = [g for gs in blocks.values() for g in gs]
     calib = as_calibration(calibration)
     if supports(graph.model):  # block by block, in float32
         stats = dense_stats(graph.model, calib)
@@ -127,7 +136,7 @@ def flap_amounts(graph: ChannelGraph, calibration: Any, remove: float) -> dict[s
         owner.append(np.full(g.size, i))
     v, c, o = np.concatenate(scores), np.concatenate(costs), np.concatenate(owner)
     order = np.argsort(-v, kind="stable")
-    target = (1 - remove) * c.sum()
+    target = c.sum() - remove * sum(block_params(graph, p) for p in blocks)
     n_keep = int(np.argmin(np.abs(np.cumsum(c[order]) - target))) + 1
     kept = np.zeros(v.size, dtype=bool)
     kept[order[:n_keep]] = True
@@ -150,7 +159,7 @@ def prune_lm(model: torch.nn.Module, calibration: torch.Tensor, *, remove: float
              method: str = "greedy", reconstruct: bool | None = None, adaptive: bool = False,
              sequential: bool = True, bias: bool | None = None, target: str = "block",
              device: torch.device | str | None = None, graph: ChannelGraph | None = None,
-             progress: Callable[[str, int, int], None] | None = None) -> Any:
+             gqa: str = "group", progress: Callable[[str, int, int], None] | None = None) -> Any:
     """Remove ``remove`` of a Hugging Face decoder's attention + MLP parameters in one shot
     (key/value head groups and MLP channels), block by block on calibration token windows.
 
@@ -160,14 +169,16 @@ def prune_lm(model: torch.nn.Module, calibration: torch.Tensor, *, remove: float
     same fraction in every block; ``bias`` (default: the method is ``flap``) FLAP's mean
     compensation; ``sequential`` statistics from the pruned-so-far model (FLAP's adaptive mode
     uses the dense model's); ``target``, ``device``: see ``blockwise.run``; ``graph``: the
-    model's graph from ``graphprune.trace``, if already traced (tracing probes the model).
+    model's graph from ``graphprune.trace``, if already traced (tracing probes the model);
+    ``gqa``: ``"group"`` removes key/value heads with their query heads, ``"query"`` keeps every
+    key/value head and removes query heads evenly from every group (``graphprune.trace``).
 
     Returns:
         a ``graphprune.PruneResult`` (``.model`` is the pruned model, its config updated).
 
     Raises:
         InputError: ``calibration`` is not ``(n, seq_len)`` integer token ids.
-        ConfigError: a bad ``remove``/``method``/``target``, or a model whose blocks are not
+        ConfigError: a bad ``remove``/``method``/``target``/``gqa``, or a model whose blocks are not
             LLaMA-style (``graphprune.lm.decoder.supports``).
 
     Example:
@@ -196,7 +207,7 @@ def prune_lm(model: torch.nn.Module, calibration: torch.Tensor, *, remove: float
                          f"ids. Got {ids.dtype} of shape {tuple(ids.shape)} instead.")
     reconstruct = crit.kind == "select" if reconstruct is None else bool(reconstruct)
     t0 = time.perf_counter()
-    graph = trace(model, ids[:1]) if graph is None else graph
+    graph = trace(model, ids[:1], gqa=gqa) if graph is None else graph
     t1 = time.perf_counter()
     calib = as_calibration(ids, ids[:1], batch_size=8)
     amounts = flap_amounts(graph, calib, remove) if adaptive else block_amounts(graph, remove)

@@ -103,6 +103,7 @@ class Builder:
         self.values: dict[fx.Node, Any] = {}
         self.prefix = ""
         self.exported = False  # the graph being read comes from torch.export (sizes are literals)
+        self.gqa = "group"  # grouped-query heads: "group" (KV head + its queries) or "query"
         self.unsupported: dict[str, list[str]] = {}  # op description -> node names
         self.value_coupled: list[tuple[np.ndarray, str]] = []
         self.modules: dict[str, Any] = {}  # module path -> module

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .elements import Axis, Builder, TInfo
 from .common import arg, broadcast_infos, out_spec
+from .gqa import query_slots
 from .registry import op_rule
 
 
@@ -129,8 +130,8 @@ def sdpa(b: Builder, node: fx.Node, m: Any = None) -> Any:
     ki, vi = b.info(k), b.info(v)
     if node.kwargs.get("enable_gqa") and len(qs) >= 3 and ks[-3] != qs[-3]:
         n_rep = qs[-3] // ks[-3]
-        ki, ks = _repeat_heads(b, node, ki, ks, n_rep), (*ks[:-3], qs[-3], *ks[-2:])
-        vi, vs = _repeat_heads(b, node, vi, vs, n_rep), (*vs[:-3], qs[-3], *vs[-2:])
+        ki, ks = _repeat_heads(b, node, ki, ks, n_rep, len(spec.shape) - 3), (*ks[:-3], qs[-3], *ks[-2:])
+        vi, vs = _repeat_heads(b, node, vi, vs, n_rep, len(spec.shape) - 3), (*vs[:-3], qs[-3], *vs[-2:])
     # scores = q @ k^T: transpose k's last two dims in the info
     kt = None
     if ki is not None:
@@ -162,8 +163,9 @@ def sdpa(b: Builder, node: fx.Node, m: Any = None) -> Any:
 
 
 def _repeat_heads(b: Builder, node: fx.Node, info: TInfo | None, shape: tuple[int, ...],
-                  n_rep: int) -> TInfo | None:
-    """The info of ``x`` with its head dim (-3) repeated ``n_rep`` times per head (GQA)."""
+                  n_rep: int, out_heads: int) -> TInfo | None:
+    """The info of ``x`` with its head dim (-3) repeated ``n_rep`` times per head (GQA); with
+    ``gqa="query"`` the copies are channels of their own (``rules.gqa``)."""
     if info is None:
         return None
     hd = len(shape) - 3
@@ -176,6 +178,7 @@ def _repeat_heads(b: Builder, node: fx.Node, info: TInfo | None, shape: tuple[in
             continue
         grid = np.repeat(a.grid(), n_rep, axis=a.dims.index(hd))
         na = b.new_axis(node.name + ":gqa", a.dims, grid.shape)
-        b.couple(na.elems(), grid.ravel())
+        if not query_slots(b, node, a, na, grid - a.base, out_heads):
+            b.couple(na.elems(), grid.ravel())
         out.axes.append(na)
     return out

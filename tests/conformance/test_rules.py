@@ -240,18 +240,13 @@ EXPORT_OPS = [
 EXPORT_CASES = {**{c.__name__: (MODULE_CASES[c], c) for c in EXPORT_MODULES},
                 **{n: (OP_CASES[n], n) for n in EXPORT_OPS}}
 EXPORT_XFAIL = {
-    "MultiheadAttention": "verify='full' after pruning a torch.export graph through "
-                          "nn.MultiheadAttention raises 'internal: after pruning, node linear_1 ... "
-                          "has shape (2, 5, 8) but the plan implies (5, 2, 24)' (the pruned model "
-                          "itself is right: verify=True passes and it equals the masked original)",
     **{n: f"torch.export emits aten.{n[6:]}.dim for torch.{n[6:]}(x, dim), which has no rule (only "
           f"aten.{n[6:]}.correction is registered): the channels freeze"
        for n in ("torch.std", "torch.var")},
 }
 
 
-@pytest.mark.parametrize("name", _params(EXPORT_CASES, EXPORT_XFAIL,
-                                        {"MultiheadAttention": gp.ParityError}))
+@pytest.mark.parametrize("name", _params(EXPORT_CASES, EXPORT_XFAIL))
 def test_aten_rules_through_torch_export(name):
     case, key = EXPORT_CASES[name]
     r = check_case(case, key, tracer="export")

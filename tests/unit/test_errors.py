@@ -51,6 +51,14 @@ def test_input_that_does_not_fit_names_the_node():
         gp.trace(model, 3)
 
 
+def test_token_ids_out_of_an_embeddings_range_name_the_node():
+    """Shapes are recorded on the meta device, but integer inputs are read for real."""
+    from graphprune.models.llama import llama_small
+
+    with pytest.raises(InputError, match="node 'embed'.*index out of range"):
+        gp.trace(llama_small(), torch.full((1, 8), 10**6))
+
+
 def test_mask_file_from_another_architecture(tmp_path):
     r = gp.prune(lenet5().eval(), torch.randn(1, 1, 32, 32), sparsity=0.5)
     p = tmp_path / "lenet.safetensors"

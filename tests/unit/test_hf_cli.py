@@ -150,3 +150,21 @@ def test_mismatched_model_and_data_give_one_clear_error(hf_dir, capsys, case):
     code, err = _run(capsys, *args, "--out", str(out))
     assert code == 2 and want in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()  # nothing written
+
+
+def test_query_heads_go_inside_each_kv_group_from_the_command_line(hf_dir, capsys):
+    out = hf_dir / "out-gqa"
+    code, err = _run(capsys, "--model", f"hf:{hf_dir / 'tiny'}", "--data", str(hf_dir / "notes.txt"),
+                     "--method", "flap", "--global-pruning", "--gqa", "query", "--sparsity", "0.3",
+                     "--finetune-epochs", "0", "--quantize", "none", "--input-shape", f"1,{SEQ}",
+                     "--out", str(out))
+    assert code == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    small = gp.hf.load_pruned(out)
+    for layer in small.model.layers:  # both key/value heads stay in every layer
+        assert layer.self_attn.k_proj.out_features == 2 * cfg["head_dim"]
+        assert layer.self_attn.q_proj.out_features == \
+            2 * layer.self_attn.num_key_value_groups * cfg["head_dim"]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["after"]["block_params"] / rep["before"]["block_params"] == pytest.approx(0.7, abs=0.03)
+    assert rep["after"]["perplexity_ort"] == pytest.approx(rep["after"]["perplexity_torch"], rel=1e-3)
