@@ -52,6 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from graphprune.lm import corpus_calibration, logits_of, perplexity, pretrained_lm  # noqa: E402
+from graphprune.lm.job import block_params  # noqa: E402
 
 PruneFn = Callable[[torch.nn.Module, torch.Tensor], torch.nn.Module]
 RATIOS = (0.2, 0.3, 0.5)
@@ -94,11 +95,6 @@ class Row:
     ppl: float
     prune_seconds: float = 0.0
     tokens_per_s: float = float("nan")
-
-
-def block_params(model: torch.nn.Module) -> int:
-    """Parameters of the decoder blocks' attention and MLP (not embeddings, norms or the head)."""
-    return sum(p.numel() for n, p in model.named_parameters() if ".self_attn." in n or ".mlp." in n)
 
 
 def measure(name: str, model: torch.nn.Module, test: torch.Tensor, seq_len: int,
@@ -260,11 +256,10 @@ def gqa_compare(dense: torch.nn.Module, dense_row: Row, calib: torch.Tensor, tes
     found: dict[tuple[str, float, str], Row] = {}
     for mode in ("group", "query"):
         graph = trace(dense, calib[:1], gqa=mode)
-        fns = [(f"{label} {ratio:.0%} gqa={mode}", pruner(graph, kw, ratio))
-               for ratio in ratios for label, kw in settings.items()]
-        for row in prune_rows(dense, fns, calib, test, seq_len, max_windows):
-            label, ratio = row.name.rsplit(" gqa=", 1)[0].rsplit(" ", 1)
-            found[(label, float(ratio.rstrip("%")) / 100, mode)] = row
+        keys = [(label, ratio, mode) for ratio in ratios for label in settings]
+        fns = [(f"{label} {ratio:.0%} gqa={mode}", pruner(graph, settings[label], ratio))
+               for label, ratio, _ in keys]
+        found.update(zip(keys, prune_rows(dense, fns, calib, test, seq_len, max_windows)))
     print(f"dense: perplexity {dense_row.ppl:.2f}, heads (query/key-value, all layers) "
           f"{_heads(dense)}")
     print("| method | target | gqa='group': removed, heads, perplexity | gqa='query': removed, heads, "

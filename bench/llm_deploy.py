@@ -36,12 +36,9 @@ from graphprune.export.decoder import export_decoder  # noqa: E402
 from graphprune.export.decoder_session import DecoderSession  # noqa: E402
 from graphprune.export.weight_only import quantize_weights  # noqa: E402
 from graphprune.lm import perplexity, pretrained_lm  # noqa: E402
+from graphprune.lm.job import block_params  # noqa: E402
 
 FORMATS = ("fp32", "int8", "int4", "int8-dyn")
-
-
-def block_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if ".self_attn." in n or ".mlp." in n)
 
 
 def prune_blocks(dense: torch.nn.Module, removed: float) -> torch.nn.Module:

@@ -78,7 +78,8 @@ def shape_only_call(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
         return _like(x)
     if cls is nn.Conv2d:
         return _conv2d(m, x)
-    if cls is nn.AdaptiveAvgPool2d and x.ndim in (3, 4) and all(s > 0 for s in x.shape[-3:]):
+    if cls is nn.AdaptiveAvgPool2d and x.ndim in (3, 4) and x.is_contiguous() and \
+            all(s > 0 for s in x.shape[-3:]):
         size = (m.output_size,) * 2 if isinstance(m.output_size, int) else tuple(m.output_size)
         out = tuple(x.shape[-2 + i] if s is None else int(s) for i, s in enumerate(size))
         return torch.empty((*x.shape[:-2], *out), dtype=x.dtype, device=x.device)

@@ -18,14 +18,15 @@ from typing import Any
 from torch import nn
 
 from ._checks import checks
+from ._heap import frozen_heap
 from ._validate import check_choice
+from .config import GQA_MODES, TRACERS
 from .errors import GraphPruneError, TraceError
 from .graph import ChannelGraph
 from .grouping import build_graph
-from ._heap import frozen_heap
 from .probe import probe_export_graph
+from .region_capture import opaque_leaves
 from .regions import region_graph
-from .rules.registry import module_rule_for
 from .hf.loading import capture_kwargs, is_hf_model
 from .trace import Inputs, Traced, export_trace, normalize_inputs, trace_model
 
@@ -47,19 +48,12 @@ def _unreached(model: nn.Module, traced: Traced) -> list[str]:
     return out
 
 
-TRACERS = ("auto", "fx", "export", "regions")
-GQA_MODES = ("group", "query")
 
 
-def _frozen_leaves(model: nn.Module, t: Traced) -> list[str]:
-    """Opaque fx leaves with parameters and no module rule: their channels would be frozen."""
-    mods = dict(model.named_modules())
-    return [p for p in t.leaves if p in mods and module_rule_for(mods[p]) is None
-            and any(True for _ in mods[p].parameters())]
 
 
 def _export_graph(model: nn.Module, example_inputs: Any, why: str, strict: bool,
-                  gqa: str = "group") -> ChannelGraph:
+                  gqa: str) -> ChannelGraph:
     g = build_graph(model, [export_trace(model, example_inputs, why=why)], strict=strict, gqa=gqa)
     return g.with_frozen(probe_export_graph(g))
 
@@ -136,7 +130,7 @@ def trace(model: nn.Module, example_inputs: Any, *, tracer: str = "auto",
         if t2 is not None and len(_unreached(model, t2)) < len(_unreached(model, traced[0])):
             traced.append(t2)
     g = build_graph(model, traced, strict=strict, gqa=gqa)
-    frozen = _frozen_leaves(model, traced[0]) if tracer == "auto" else []
+    frozen = opaque_leaves(model, traced[0]) if tracer == "auto" else []
     if frozen:
         try:
             why = (f"torch.fx could not trace {len(frozen)} module(s) with parameters "

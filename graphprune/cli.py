@@ -346,8 +346,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _latency_table(args: argparse.Namespace) -> int:
     """``bench --latency-table``: measure (or read) the model's latency table and print it."""
     from .errors import ConfigError
-    from .latency import build_table
-    from .latency.target import default_cache
+    from .latency.target import cached_table, default_cache
 
     if args.onnx is not None:
         raise ConfigError("--latency-table measures the model given by --model (exported in many "
@@ -355,18 +354,17 @@ def _latency_table(args: argparse.Namespace) -> int:
     model, x = _model_and_input(args)
     model.eval()
     con = _console(args.quiet or args.json)
-    path = args.latency_table or default_cache()
     with con.status("measuring the latency table (minutes the first time)") as st:
-        table = build_table(model, x, threads=args.threads or 2, cache=path,
-                            stale="raise" if path.endswith(".json") else "measure",
-                            progress=lambda what, i, n: st.update(f"latency table: {what} {i + 1}/{n}"))
+        table = cached_table(model, x, path=args.latency_table, threads=args.threads or 2,
+                             progress=lambda what, i, n: st.update(f"latency table: {what} {i + 1}/{n}"))
     if args.plot:
         table.plot(args.plot)
     if args.json:
         print(json.dumps(table.to_dict(), indent=1))
     else:
         con.print(table.summary(max_rows=args.max_rows), markup=False)
-        con.print(f"table in {path}" + (f"; step curves in {args.plot}" if args.plot else ""))
+        con.print(f"table in {args.latency_table or default_cache()}"
+                  + (f"; step curves in {args.plot}" if args.plot else ""))
     return 0
 
 

@@ -21,8 +21,8 @@ from typing import Any
 from ._validate import check_choice, check_fraction, check_int
 from .errors import ConfigError, did_you_mean
 
-TRACERS = ("auto", "fx", "export", "regions")  # capture.TRACERS (kept import-free here)
-GQA_MODES = ("group", "query")  # capture.GQA_MODES
+TRACERS = ("auto", "fx", "export", "regions")  # graph capture (capture.trace)
+GQA_MODES = ("group", "query")  # grouped-query heads (capture.trace)
 TARGETS = ("target_macs", "target_params", "target_latency")
 DEVICES = "'cpu', 'cuda', 'cuda:N' or 'auto'"
 
@@ -194,10 +194,10 @@ class PruneConfig:
     @property
     def target(self) -> tuple[str, float] | None:
         """('macs' | 'params' | 'latency', fraction kept), if a budget replaces the sparsity."""
-        for kind in ("macs", "params", "latency"):
-            v = getattr(self, f"target_{kind}")
+        for name in TARGETS:
+            v = getattr(self, name)
             if v is not None:
-                return kind, float(v)
+                return name.removeprefix("target_"), float(v)
         return None
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,25 +24,30 @@ _NP = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)
        "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
        "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
 
-
-
 OPT_LEVELS = ("none", "basic", "extended", "all")
 
 
 def ort_session(path: str, *, threads: int | None = None, optimization: str = "all",
                 providers: Sequence[str] = ("CPUExecutionProvider",),
-                profile_prefix: str | None = None, config: Mapping[str, str] | None = None) -> Any:
+                profile_prefix: str | None = None, config: Mapping[str, str] | None = None,
+                owner: str = "ort_session") -> Any:
     """The onnxruntime ``InferenceSession`` every graphprune runner uses: ``threads`` intra-op
     threads (one inter-op), an optimization level, quiet logs, the kernel profiler if asked;
-    ``config``: session config entries (``{"session.force_spinning_stop": "1"}``).
+    ``config``: session config entries (``{"session.force_spinning_stop": "1"}``); ``owner``
+    names the caller in errors.
 
     Example:
         >>> sess = ort_session("model.onnx", threads=2)
 
     Raises:
+        ConfigError: an unknown ``optimization``.
         ExportError: onnxruntime cannot load the file.
     """
     import onnxruntime as ort
+
+    from ._validate import check_choice
+
+    check_choice(optimization, "optimization", owner, OPT_LEVELS)
 
     so = ort.SessionOptions()
     if threads:
@@ -89,10 +94,7 @@ class Session:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise InputError(f"ONNX model '{path}' does not exist.")
-        from ._validate import check_choice
-
-        check_choice(optimization, "optimization", "Session", OPT_LEVELS)
-        self.sess = ort_session(path, threads=threads, optimization=optimization)
+        self.sess = ort_session(path, threads=threads, optimization=optimization, owner="Session")
         self.path = path
         self.inputs = [(i.name, list(i.shape), i.type) for i in self.sess.get_inputs()]
         self.outputs = [o.name for o in self.sess.get_outputs()]

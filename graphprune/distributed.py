@@ -29,9 +29,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, DistributedSampler
 
+from .config import DEVICES
 from .errors import ConfigError
 
-DEVICES = "'cpu', 'cuda', 'cuda:N' or 'auto'"
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ class ChannelGraph:
     def __init__(self, model: nn.Module, traced: list[Traced], groups: list[Group], *,
                  params: dict[str, torch.Tensor], aliases: dict[str, str],
                  modules: dict[str, nn.Module], index: ElementIndex, infos: Mapping[Any, Any],
-                 attr_sizes: list[tuple[str, str, Any, int]], members: list[Any],
+                 attr_sizes: list[tuple[Any, ...]], members: list[Any],
                  unsupported: dict[str, list[str]]):
         self.model = model
         self.traced = traced
@@ -146,7 +146,7 @@ class ChannelGraph:
         self.modules = modules  # module path -> module (the model's own)
         self.index = index
         self.infos = infos  # fx node -> channel axes of its value
-        self.attr_sizes = attr_sizes  # (module path, attribute, node, dim) refreshed on apply
+        self.attr_sizes = attr_sizes  # (module path, attribute, node, dim[, divisor]) refreshed on apply
         self.members = members  # every parameter slice the rules recorded
         self.unsupported = unsupported  # op -> nodes it froze
         self._by_name = {g.name: g for g in groups}

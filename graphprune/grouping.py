@@ -277,8 +277,7 @@ def build_graph(model: nn.Module, traced: list[Traced], *, strict: bool = False,
     ``graphprune.trace``.
     """
     params, aliases = param_table(model)
-    b = Builder(params, aliases)
-    b.gqa = gqa
+    b = Builder(params, aliases, gqa)
     b.modules = dict(model.named_modules(remove_duplicate=False))
     for k, t in enumerate(traced):
         b.prefix = "" if k == 0 else f"{t.mode}:"

@@ -6,14 +6,15 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from typing import Any
-
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
+from ._heap import frozen_heap
 from .apply import apply_plan
 from .budget import amounts_for_target, global_amounts, uniform_amounts
 from .calibration import Calibration, as_calibration
@@ -22,7 +23,6 @@ from .capture import trace
 from .config import PruneConfig, resolve
 from .errors import ConfigError
 from .graph import ChannelGraph
-from ._heap import frozen_heap
 from .plan import Plan, group_sparsities, plan_from_scores
 from .report import Report, build_report
 
@@ -83,7 +83,7 @@ def _ranking_scores(graph: ChannelGraph, crit: Criterion, ctx: ScoreContext) -> 
 def compute_amounts(graph: ChannelGraph, crit: Criterion, ctx: ScoreContext,
                     cfg: PruneConfig) -> dict[str, int]:
     """Channels kept per prunable group under ``cfg`` (sparsity, config list, global ranking,
-    or a MACs / parameter target; ``round_to`` an int, see ``_Run.amounts`` for latency)."""
+    or a MACs / parameter target; ``round_to`` an int; see ``plan_amounts`` for latency)."""
     sparsity, config = cfg.effective_sparsity, cfg.config
     allowed = _allowed(graph, cfg)
     if cfg.global_pruning:
@@ -173,23 +173,12 @@ def _on_device(model: nn.Module, example_inputs: Any, device: str | None, inplac
     from .datadriven.sequential import model_device
     from .distributed import resolve_device
 
-    home = model_device(model)
     dev = resolve_device(device, model=model)
     if device is None:
         return model, example_inputs, dev
-    if dev != home:
+    if dev != model_device(model):
         model = model.to(dev) if inplace else copy.deepcopy(model).to(dev)
-    return model, _to(example_inputs, dev), dev
-
-
-def _to(x: Any, dev: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(dev)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to(v, dev) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, dev) for k, v in x.items()}
-    return x
+    return model, tree_map_only(torch.Tensor, lambda t: t.to(dev), example_inputs), dev
 
 
 @frozen_heap()

@@ -124,7 +124,8 @@ def region_root(model: nn.Module, path: str, call: ModuleCall) -> tuple[nn.Modul
 
 
 # ---------------------------------------------------------------------- tracing regions
-def _opaque_params(model: nn.Module, t: Traced) -> list[str]:
+def opaque_leaves(model: nn.Module, t: Traced) -> list[str]:
+    """Opaque fx leaves with parameters and no module rule: their channels would be frozen."""
     mods = dict(model.named_modules())
     return [p for p in t.leaves if p in mods and module_rule_for(mods[p]) is None
             and any(True for _ in mods[p].parameters())]
@@ -138,7 +139,7 @@ def _trace_region(model: nn.Module, path: str, call: ModuleCall) -> Traced | Non
         return None
     try:
         t = trace_model(root, tensors, mode="eval")
-        if not _opaque_params(root, t):
+        if not opaque_leaves(root, t):
             return t
     except GraphPruneError:
         pass

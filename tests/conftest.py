@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 from torch import nn
 
 import graphprune as gp
+from graphprune.probe import masked_copy
 
 # a rule that crashes fails the test suite; every intermediate shape of a pruned model is checked
 gp.set_checks(strict=True, verify="full")
@@ -31,16 +31,6 @@ def healthy_init(model: nn.Module, seed: int = 0) -> nn.Module:
                 if p.numel() and bool((p == 0).all()) and name == "weight":
                     p.normal_(0, 0.02, generator=g)
     return model
-
-
-def masked_copy(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """The original model with every masked entry set to zero."""
-    m = copy.deepcopy(model)
-    sd = m.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for k, mk in masks.items():
-            sd[k].mul_(mk.to(sd[k].dtype))
-    return m
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

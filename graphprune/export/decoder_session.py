@@ -63,7 +63,8 @@ class DecoderSession:
             raise InputError(f"ONNX model '{path}' does not exist.")
         if threads:
             check_int(threads, "threads", "DecoderSession", low=1)
-        self.sess = ort_session(path, threads=threads, optimization=optimization)
+        self.sess = ort_session(path, threads=threads, optimization=optimization,
+                                owner="DecoderSession")
         self.path = path
         ins = {i.name: i for i in self.sess.get_inputs()}
         if not {"input_ids", "attention_mask"} <= set(ins):

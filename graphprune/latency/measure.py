@@ -188,7 +188,6 @@ def _parse_profile(path: str, skip_runs: int) -> tuple[dict[str, Kernel], float]
         events = json.load(f)
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
     starts = [r[0] for r in runs]
-    inside = [0.0] * len(runs)
     spans: list[list[tuple[float, float]]] = [[] for _ in runs]
     durs: dict[str, list[float]] = defaultdict(list)
     meta: dict[str, tuple[str, Any, Any]] = {}
@@ -200,7 +199,6 @@ def _parse_profile(path: str, skip_runs: int) -> tuple[dict[str, Kernel], float]
         durs[node].append(e["dur"] / 1e3)
         r = bisect.bisect_right(starts, e["ts"]) - 1
         if r >= 0:
-            inside[r] += e["dur"]
             spans[r].append((e["ts"], e["ts"] + e["dur"]))
         if node not in meta:
             a = e.get("args", {})
@@ -211,11 +209,11 @@ def _parse_profile(path: str, skip_runs: int) -> tuple[dict[str, Kernel], float]
         op, ins, outs = meta[node]
         d = d[skip_runs:] if len(d) > skip_runs + 2 else d
         out[node] = Kernel(op, ins, outs, float(statistics.median(d)), float(np.quantile(d, 0.25)))
-    return out, _overhead(runs[skip_runs:], spans[skip_runs:], inside[skip_runs:])
+    return out, _overhead(runs[skip_runs:], spans[skip_runs:])
 
 
-def _overhead(runs: Sequence[tuple[float, float]], spans: Sequence[list[tuple[float, float]]],
-              inside: Sequence[float]) -> float:
+def _overhead(runs: Sequence[tuple[float, float]], spans: Sequence[list[tuple[float, float]]]
+             ) -> float:
     """Milliseconds a run spends outside kernels (``_parse_profile``), from each run's span and
     its kernels' spans (microseconds)."""
     if not runs:
@@ -228,7 +226,8 @@ def _overhead(runs: Sequence[tuple[float, float]], spans: Sequence[list[tuple[fl
         per_run.append([max(0.0, t - e) for e, t in zip(ends, begins)])
     if len({len(g) for g in per_run}) == 1:  # the same kernels every run: gap by gap
         return float(np.quantile(np.array(per_run), 0.25, axis=0).sum() / 1e3)
-    return float(np.quantile([(b - a - k) / 1e3 for (a, b), k in zip(runs, inside)], 0.25))
+    return float(np.quantile([(b - a - sum(e - s for s, e in ks)) / 1e3
+                              for (a, b), ks in zip(runs, spans)], 0.25))
 
 
 def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], rounds: int, per_round: int,

@@ -173,7 +173,7 @@ def meet_latency(graph: Any, scores: Mapping[str, Any], target: float, table: La
     """
     from .allocate import latency_amounts
 
-    aim, best, seen = float(target), None, []
+    aim, best, prev = float(target), None, None
     for _ in range(max_rounds + 1):
         amounts = latency_amounts(graph, scores, min(1.0, aim), table, **options)
         rep = latency_report(graph, amounts, table, target=target, example_inputs=example_inputs,
@@ -183,11 +183,12 @@ def meet_latency(graph: Any, scores: Mapping[str, Any], target: float, table: La
             best = (amounts, rep, err)
         if abs(err) <= tolerance:
             break
-        seen.append((rep.predicted_ratio, rep.measured_ratio))
-        (p1, m1), (p2, m2) = seen[-2] if len(seen) > 1 else (0.0, 0.0), seen[-1]
-        if len(seen) > 1 and abs(m2 - m1) > 1e-3:  # secant through the last two measurements:
-            aim = p2 + (target - m2) * (p2 - p1) / (m2 - m1)  # the table's error need not be a ratio
+        p2, m2 = rep.predicted_ratio, rep.measured_ratio
+        if prev is not None and abs(m2 - prev[1]) > 1e-3:  # secant through the last two
+            p1, m1 = prev  # measurements: the table's error need not be a ratio
+            aim = p2 + (target - m2) * (p2 - p1) / (m2 - m1)
         else:
-            aim *= rep.predicted_ratio / rep.measured_ratio
+            aim *= p2 / m2
+        prev = (p2, m2)
         aim = min(1.0, max(aim, 0.02))
     return best[0], best[1]

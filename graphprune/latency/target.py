@@ -57,11 +57,19 @@ def table_for_run(graph: Any, example_inputs: Any, cfg: Any, table: Any = None,
         return table
     if cfg.target_latency is None and cfg.latency_table is None:
         return None
-    path = cfg.latency_table or default_cache()
     stage = None if progress is None else (
         lambda what, i, n: progress(f"latency table: {what}", i, n))
-    return build_table(graph.model, example_inputs, graph, threads=cfg.latency_threads, cache=path,
-                       stale="raise" if path.endswith(".json") else "measure", progress=stage)
+    return cached_table(graph.model, example_inputs, graph, path=cfg.latency_table,
+                        threads=cfg.latency_threads, progress=stage)
+
+
+def cached_table(model: Any, example_inputs: Any, graph: Any = None, *, path: str | None = None,
+                 threads: int = 2, progress: Any = None) -> LatencyTable:
+    """The model's table read from ``path`` (a ``.json`` file must hold this model's; a folder,
+    default ``default_cache()``, is keyed by model and machine), or measured and stored there."""
+    path = path or default_cache()
+    return build_table(model, example_inputs, graph, threads=threads, cache=path,
+                       stale="raise" if path.endswith(".json") else "measure", progress=progress)
 
 
 def run_round_to(cfg: Any, table: LatencyTable | None) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cost import count_params
 from ..errors import ConfigError, InputError
 from .calib import _TEXT_SUFFIXES, random_windows, read_text
 
@@ -255,7 +256,7 @@ def run_lm(recipe: Any, model: nn.Module, out_dir: str, *, log: Log | None = Non
         log("exporting the dense decoder for reference")
         dense_onnx = export_decoder(model, os.path.join(tmp, "dense.onnx"), exporter=recipe.export.exporter)
         dense_sess = DecoderSession(dense_onnx.path, threads=2)
-        before = {"params": sum(q.numel() for q in model.parameters()),
+        before = {"params": count_params(model),
                   "block_params": block_params(model), "perplexity_torch": ppl_dense,
                   "onnx_bytes": dense_onnx.bytes, "perplexity_ort": ppl(dense_sess),
                   "ort_tokens_per_s": dense_sess.tokens_per_second(probe, 3)}
@@ -267,7 +268,7 @@ def run_lm(recipe: Any, model: nn.Module, out_dir: str, *, log: Log | None = Non
 
             sess = DecoderSession(os.path.join(stage, "model.onnx"), threads=2)
             onnx = report["onnx"]
-            after = {"params": sum(q.numel() for q in pruned.parameters()),
+            after = {"params": count_params(pruned),
                      "block_params": block_params(pruned), "perplexity_torch_pruned": ppl_pruned,
                      "perplexity_torch": ppl_ft, "onnx_bytes": onnx["fp32"]["bytes"],
                      "perplexity_ort": ppl(sess), "ort_tokens_per_s": sess.tokens_per_second(probe, 3),

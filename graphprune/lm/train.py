@@ -203,20 +203,14 @@ def _measure(lm: TrainedLM) -> dict[str, Any]:
     return out
 
 
-def _no_progress_bars():
-    """Silence transformers' progress bars while saving/loading, then restore the setting."""
-    from ..hf.loading import no_progress_bars
-
-    return no_progress_bars()
-
-
 def _load(path: str, spec: LMSpec, corpus: Corpus) -> TrainedLM:
     tf = need("transformers", "pretrained_lm")
+    from ..hf.loading import no_progress_bars
     from .tokenizer import load_tokenizer
 
     with open(os.path.join(path, INFO_FILE), encoding="utf-8") as f:
         info = json.load(f)
-    with _no_progress_bars():
+    with no_progress_bars():
         model = tf.LlamaForCausalLM.from_pretrained(path)  # float32, as saved
     model.eval()
     return TrainedLM(model, load_tokenizer(path), path, spec, corpus, info)
@@ -233,6 +227,7 @@ def pretrained_lm(spec: LMSpec | None = None, cache_dir: str | os.PathLike | Non
     Raises:
         ConfigError: ``transformers`` is not installed (pip install 'graphprune[hf]').
     """
+    from ..hf.loading import no_progress_bars
     from ..io import staged_dir
     from .cache import cache_root
     from .tokenizer import eos_id, load_tokenizer, train_tokenizer
@@ -280,7 +275,7 @@ def pretrained_lm(spec: LMSpec | None = None, cache_dir: str | os.PathLike | Non
             log(f"perplexity train {ppl['train']:.2f}, validation {ppl['validation']:.2f}, test "
                 f"{ppl['test']:.2f} (unigram {lm.info['unigram_perplexity']:.1f}); "
                 f"{lm.info['total_seconds']:.0f} s in all")
-        with _no_progress_bars():
+        with no_progress_bars():
             model.save_pretrained(out)
         with open(os.path.join(out, INFO_FILE), "w", encoding="utf-8") as f:
             json.dump(lm.info, f, indent=1)

@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from ..trace import TensorSpec
 from .elements import Builder, TInfo
+from .gqa import query_slots
 
 NO_RULE = "no channel rule for {op} (node '{node}')"
 
@@ -349,12 +350,8 @@ def movement(b: Builder, node: fx.Node, call: Callable[[torch.Tensor], torch.Ten
         claimed |= set(dims)
         sub = res[tuple(slice(None) if d in dims else 0 for d in range(res.ndim))]
         na = b.new_axis(node.name, tuple(dims), tuple(res.shape[d] for d in dims))
-        if b.gqa == "query" and np.unique(sub).size < sub.size:
-            from .gqa import query_slots  # repeated key/value heads with gqa="query"
-
-            if not query_slots(b, node, a, na, sub):
-                b.couple(na.elems(), a.base + sub.ravel())
-        else:
+        if not (b.gqa == "query" and np.unique(sub).size < sub.size
+                and query_slots(b, node, a, na, sub)):
             b.couple(na.elems(), a.base + sub.ravel())
         out.axes.append(na)
         if sizes is not None:

@@ -87,7 +87,7 @@ class Member:
 class Builder:
     """Collects axes, couplings, freezes, sources and members while rules run over a graph."""
 
-    def __init__(self, params: dict[str, Any], aliases: dict[str, str]):
+    def __init__(self, params: dict[str, Any], aliases: dict[str, str], gqa: str = "group"):
         self.params = params  # canonical name -> tensor
         self.aliases = aliases  # any state_dict name -> canonical name
         self.n = 0
@@ -103,14 +103,15 @@ class Builder:
         self.values: dict[fx.Node, Any] = {}
         self.prefix = ""
         self.exported = False  # the graph being read comes from torch.export (sizes are literals)
-        self.gqa = "group"  # grouped-query heads: "group" (KV head + its queries) or "query"
+        self.gqa = gqa  # grouped-query heads: "group" (KV head + its queries) or "query"
         self.unsupported: dict[str, list[str]] = {}  # op description -> node names
         self.value_coupled: list[tuple[np.ndarray, str]] = []
         self.modules: dict[str, Any] = {}  # module path -> module
         self.param_nodes: dict[Any, str] = {}  # graph node -> name of the parameter it reads
         self._by_param: dict[str, list[Member]] = {}
         # (module path, attribute, node, dim): the attribute is set to the node's new size at dim
-        self.attr_sizes: list[tuple[str, str, Any, int]] = []
+        # (module path, attribute, node, dim[, divisor]): attribute = node's new size at dim // divisor
+        self.attr_sizes: list[tuple[Any, ...]] = []
 
     # ---------------------------------------------------------------- element space
     def new_axis(self, node: str, dims: tuple[int, ...], sizes: tuple[int, ...]) -> Axis:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .elements import Builder, TInfo
-from .common import arg, keep_axes, out_spec
+from .common import _enclosing_modules, arg, keep_axes, out_spec
 from .registry import op_rule
 
 
@@ -59,16 +59,6 @@ def batch_norm_fn(b: Builder, node: fx.Node, m: Any = None) -> Any:
     return x
 
 
-def _innermost_module(node: fx.Node) -> str | None:
-    """Path of the module whose forward made this call (fx and torch.export both record the
-    module stack); None when the graph does not say."""
-    stack = node.meta.get("nn_module_stack")
-    if stack is None:
-        return None if node.graph.owning_module is None else ""
-    paths = [v[0] if isinstance(v, tuple) else k for k, v in stack.items()]
-    return paths[-1] if paths else ""
-
-
 @op_rule(F.group_norm, torch.group_norm)
 def group_norm_fn(b: Builder, node: fx.Node, m: Any = None) -> Any:
     x = b.info(node.args[0])
@@ -77,8 +67,9 @@ def group_norm_fn(b: Builder, node: fx.Node, m: Any = None) -> Any:
     owner = _owner(b, w, nn.GroupNorm)
     # the group count is the owner's attribute (refreshed after pruning) only when the owner's
     # own forward makes the call: a literal equal to it elsewhere stays a literal
-    called_by_owner = owner is not None and _innermost_module(node) == \
-        b.param_nodes[w].rpartition(".")[0]
+    inner = _enclosing_modules(b, node)  # innermost first; none: the root's own forward
+    called_by_owner = owner is not None and (
+        inner[0][1] is owner if inner else b.param_nodes[w].rpartition(".")[0] == "")
     if e is None or not called_by_owner or owner.num_groups != groups:
         # a literal group count that no module attribute refreshes: the width is fixed
         if x is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import torch.fx as fx
 
-from .common import _enclosing_modules
 from .elements import Axis, Builder, TInfo
 
 
@@ -85,10 +84,13 @@ def query_slots(b: Builder, node: fx.Node, src: Axis, out: Axis, sub: np.ndarray
         info = b.infos.get(x)
         b.infos[x] = TInfo(info.shape if info is not None else b.spec(x).shape,
                            [*(info.axes if info is not None else []), slots])
+    from .common import _enclosing_modules  # common calls this module
+
     n_kv = e.shape[0]
     owner = next((p for p, m in _enclosing_modules(b, node)
                   if isinstance(getattr(m, "num_key_value_groups", None), int)), None)
-    if owner is not None:
-        dim = out.dims[d] if heads_dim is None else heads_dim
-        b.attr_sizes.append((owner, "num_key_value_groups", node, dim, n_kv))
+    entry = (owner, "num_key_value_groups", node, out.dims[d] if heads_dim is None else heads_dim,
+             n_kv)
+    if owner is not None and entry not in b.attr_sizes:  # keys and values name the same count
+        b.attr_sizes.append(entry)
     return True

@@ -129,9 +129,9 @@ def sdpa(b: Builder, node: fx.Node, m: Any = None) -> Any:
     qs, ks, vs = b.spec(q).shape, b.spec(k).shape, b.spec(v).shape
     ki, vi = b.info(k), b.info(v)
     if node.kwargs.get("enable_gqa") and len(qs) >= 3 and ks[-3] != qs[-3]:
-        n_rep = qs[-3] // ks[-3]
-        ki, ks = _repeat_heads(b, node, ki, ks, n_rep, len(spec.shape) - 3), (*ks[:-3], qs[-3], *ks[-2:])
-        vi, vs = _repeat_heads(b, node, vi, vs, n_rep, len(spec.shape) - 3), (*vs[:-3], qs[-3], *vs[-2:])
+        n_rep, heads = qs[-3] // ks[-3], len(spec.shape) - 3
+        ki, ks = _repeat_heads(b, node, ki, ks, n_rep, heads), (*ks[:-3], qs[-3], *ks[-2:])
+        vi, vs = _repeat_heads(b, node, vi, vs, n_rep, heads), (*vs[:-3], qs[-3], *vs[-2:])
     # scores = q @ k^T: transpose k's last two dims in the info
     kt = None
     if ki is not None:
