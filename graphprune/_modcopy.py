@@ -56,9 +56,16 @@ def _tensor(t: torch.Tensor, memo: dict[int, Any], fn: Callable[[torch.Tensor], 
     return memo[id(t)]
 
 
-def copy_tree(model: nn.Module, fn: Callable[[torch.Tensor], Any]) -> nn.Module:
-    """A new module tree; tensors are mapped through ``fn`` once each (ties stay tied)."""
-    return _copy_module(model, {}, fn)
+def copy_tree(model: nn.Module, fn: Callable[[torch.Tensor], Any],
+              memo: dict[int, Any] | None = None) -> nn.Module:
+    """A new module tree; tensors are mapped through ``fn`` once each (ties stay tied, also across
+    calls that share ``memo``: copies of several subtrees of one model)."""
+    return _copy_module(model, {} if memo is None else memo, fn)
+
+
+def copy_tensor(t: torch.Tensor, fn: Callable[[torch.Tensor], Any], memo: dict[int, Any]) -> Any:
+    """``fn(t)``, made once per tensor for a given ``memo`` (shared with ``copy_tree``)."""
+    return _tensor(t, memo, fn)
 
 
 def share(t: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ become groups, in ``grouping``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,6 +161,15 @@ class ChannelGraph:
     m_elems = property(lambda self: self.index.m_elems)
     m_index = property(lambda self: self.index.m_index)
     m_key = property(lambda self: self.index.m_key)
+
+    @functools.cached_property
+    def flat_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every member entry's unit (``comp[m_elems]``), the start of each (param, dim) key in
+        one flat index space over all parameter dims (plus its end), and every entry's flat
+        position: what ``apply`` reads for every plan, computed once."""
+        sizes = np.array([self.params[p].shape[d] for p, d in self.member_keys], dtype=np.int64)
+        offset = np.concatenate([[0], np.cumsum(sizes)])
+        return self.comp[self.m_elems], offset, offset[self.m_key] + self.m_index
 
     def with_frozen(self, reasons: Mapping[str, str]) -> ChannelGraph:
         """A new graph in which the named groups are frozen with the given reasons.

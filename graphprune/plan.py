@@ -306,7 +306,7 @@ def plan_from_scores(graph: ChannelGraph, scores: Mapping[str, np.ndarray],
             continue
         s = np.asarray(scores[g.name])
         order = np.lexsort((np.arange(g.size), -s))  # descending score, then index
-        groups[g.name] = GroupPlan(g.size, tuple(sorted(int(i) for i in order[:n_keep])))
+        groups[g.name] = GroupPlan(g.size, tuple(np.sort(order[:n_keep]).tolist()))
     return Plan(groups=groups, meta=dict(meta or {}))
 
 

@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from ._metashape import shape_only_call, shape_only_function
-from ._modcopy import copy_tree, meta_args, to_meta
+from ._modcopy import copy_tensor, copy_tree, meta_args, to_meta
 from .errors import InputError, TraceError
 from .rules.registry import is_rule_leaf
 
@@ -170,27 +170,30 @@ def symbolic_trace(model: nn.Module, leaf_types: tuple[type, ...] = ()
 
 
 _SMALL_TENSOR = 1 << 20  # plain tensor attributes up to this many elements get their values back
+_CONTAINERS = frozenset((dict, OrderedDict, list))
+_NOT_TENSOR = frozenset((bool, int, float, str, tuple, type(None), frozenset, set)) | _CONTAINERS
 
 
 def _snapshot_modules(modules: list[nn.Module]) -> list[tuple[Any, ...]]:
     """Every module's attribute dict as it is now: which objects it holds, the contents of the
-    containers it holds (restored into the same container objects, so hook handles stay valid),
-    and the values of small plain tensor attributes (caches that forward fills in place)."""
+    containers it holds (restored into the same container objects, so hook handles stay valid;
+    only non-empty ones are copied, most hook tables are empty) and the values of small plain
+    tensor attributes (caches that forward fills in place)."""
     snap = []
     for m in modules:
-        d = m.__dict__
-        held, values = [], []
-        for v in d.values():
-            t = type(v)
-            if t is dict or t is OrderedDict:  # None: was empty (most hook tables)
-                held.append((v, list(v.items()) if v else None))
-            elif t is list:
-                held.append((v, v[:] if v else None))
-            elif isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) \
-                    and v.device.type != "meta" and v.numel() <= _SMALL_TENSOR and not _is_fake(v):
-                values.append((v, v.detach().clone()))
-        snap.append((d, d.copy(), held, values))
+        attrs = m.__dict__.copy()
+        vs = attrs.values()
+        held = [(v, v[:] if type(v) is list else v.copy())
+                for v in vs if type(v) in _CONTAINERS and v]
+        values = [(v, v.detach().clone()) for v in vs if type(v) not in _NOT_TENSOR
+                  and isinstance(v, torch.Tensor) and _plain_small(v)]
+        snap.append((m.__dict__, attrs, held, values))
     return snap
+
+
+def _plain_small(v: torch.Tensor) -> bool:
+    return not isinstance(v, nn.Parameter) and v.device.type != "meta" \
+        and v.numel() <= _SMALL_TENSOR and not _is_fake(v)
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -201,14 +204,13 @@ def _restore_modules(snap: list[Any]) -> None:
     for d, attrs, held, values in snap:
         d.clear()
         d.update(attrs)
+        for v in attrs.values():  # every container as it was: emptied, then refilled if it held
+            if type(v) in _CONTAINERS and v:
+                v.clear()
         for c, items in held:
-            if items is None:
-                if c:
-                    c.clear()
-            elif type(c) is list:
+            if type(c) is list:
                 c[:] = items
             else:
-                c.clear()
                 c.update(items)
         for t, v in values:
             if t.shape == v.shape and not t.is_inference():
@@ -216,43 +218,72 @@ def _restore_modules(snap: list[Any]) -> None:
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module, mode: str, buffers: bool = True) -> Iterator[None]:
-    """Run in ``mode`` ('eval'/'train') and leave the model exactly as found: modes, buffers'
-    values, the RNG, and every attribute forward assigns (a detection head caching anchors,
-    tracers' fake tensors): each module's attributes, containers and hooks are restored."""
-    mods = list(model.modules())
+def kept_buffers(model: nn.Module, mods: list[nn.Module] | None = None) -> Iterator[None]:
+    """Restore the values of the model's buffers on exit (``mods``: its modules, if known)."""
     saved, seen = [], set()
-    for m in mods if buffers else ():  # model.buffers(), without walking the tree again
+    for m in model.modules() if mods is None else mods:  # model.buffers(), one walk
         for b in m._buffers.values():
             if b is not None and id(b) not in seen and b.device.type != "meta":
                 seen.add(id(b))
                 saved.append((b, b.detach().clone()))
+    try:
+        yield
+    finally:
+        for b, v in saved:
+            b.copy_(v)
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module, mode: str, buffers: bool = True) -> Iterator[None]:
+    """Run in ``mode`` ('eval'/'train') and leave the model exactly as found: modes, buffers'
+    values (unless ``buffers=False``: the caller keeps them), the RNG, and every attribute forward
+    assigns (a detection head caching anchors, tracers' fake tensors): each module's attributes,
+    containers and hooks are restored."""
+    mods = list(model.modules())
     snap = _snapshot_modules(mods)
     want = mode == "train"
     if any(m.training != want for m in mods):
         model.train(want)
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with kept_buffers(model, mods) if buffers else contextlib.nullcontext(), \
+                torch.random.fork_rng(devices=[]), torch.no_grad():
             yield
     finally:
         _restore_modules(snap)  # also restores every module's training flag
-        for b, v in saved:
-            b.copy_(v)
 
 
 class _Recorder(fx.Interpreter):
+    """Runs the graph and describes every value. With ``meta`` the inputs are meta tensors and
+    the model is not copied as a whole: stock layers get their output shapes from their
+    attributes (``_metashape``), and a ``meta`` copy is made, once, of each other module the
+    graph calls and each tensor it fetches (one memo: tied tensors stay tied)."""
+
     def __init__(self, root: nn.Module, graph: fx.Graph, meta: bool = False):
         super().__init__(root, graph=graph)
         self.values: dict[fx.Node, Any] = {}
-        self._mods = dict(root.named_modules(remove_duplicate=False))
         self._meta = meta
+        self._memo: dict[int, Any] = {}
+
+    def _meta_copy(self, v: Any) -> Any:
+        if isinstance(v, nn.Module):
+            return copy_tree(v, to_meta, self._memo)
+        if isinstance(v, torch.Tensor) and v.device.type != "meta":
+            return copy_tensor(v, to_meta, self._memo)
+        return v
+
+    def get_attr(self, target, args, kwargs):
+        v = super().get_attr(target, args, kwargs)
+        return self._meta_copy(v) if self._meta else v
 
     def call_module(self, target, args, kwargs):
-        m = self._mods[target]
+        m = self.submodules.get(target)
+        if m is None:  # a second path to a shared module (the Interpreter lists each once)
+            m = self.fetch_attr(target)
         if self._meta:
             out = shape_only_call(m, args, kwargs)
             if out is not None:
                 return out
+            m = self._meta_copy(m)
         return m(*args, **kwargs)
 
     def call_function(self, target, args, kwargs):
@@ -282,11 +313,11 @@ def record_values(root: nn.Module, graph: fx.Graph, args: tuple[Any, ...],
                   kwargs: dict[str, Any], *, meta: bool = False) -> dict[fx.Node, Any]:
     """Run ``graph`` (whose targets live on ``root``) and return every node's described value.
 
-    With ``meta`` the run happens on a ``meta``-device copy: shapes only, no compute and no
-    memory for weights (models that live on the meta device; ``record_shapes`` tries it first).
+    With ``meta`` the run happens on ``meta`` tensors: shapes only, no compute and no memory for
+    weights (models that live on the meta device; ``record_shapes`` tries it first).
     """
     if meta:
-        return _record(copy_tree(root, to_meta), graph, meta_args(args), meta_args(kwargs), True)
+        return _record(root, graph, meta_args(args), meta_args(kwargs), True)
     return _record(root, graph, args, kwargs)
 
 
@@ -307,11 +338,11 @@ def _reads_device(graph: fx.Graph) -> bool:
 
 def record_shapes(root: nn.Module, graph: fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any],
                   *, meta: bool = False) -> dict[fx.Node, Any]:
-    """``record_values`` at the cost of shape functions: the graph runs on a ``meta``-device copy
+    """``record_values`` at the cost of shape functions: the graph runs on ``meta`` tensors
     (no compute: 2-10x faster than the real forward of a CNN at 224x224, see ``_metashape``)
     unless it reads a tensor's device, and on the real inputs whenever the meta run fails (code
     that reads values: ``.item()``, data-dependent shapes, an op without a meta kernel, a tensor
-    kept where the copy does not reach). Every recorded shape and small value is what the real
+    held where the meta copies do not reach). Every recorded shape and small value is what the real
     run gives. Integer inputs (token ids, indices) take the real run: their values are read (an
     id out of an embedding's range is then an error here, not a wrong shape later)."""
     if not meta and not _reads_device(graph) and not _integer_inputs(args, kwargs):
@@ -319,7 +350,10 @@ def record_shapes(root: nn.Module, graph: fx.Graph, args: tuple[Any, ...], kwarg
             return record_values(root, graph, args, kwargs, meta=True)
         except Exception:  # the real run below raises the error the caller should see
             pass
-    return record_values(root, graph, args, kwargs, meta=meta)
+    if meta:
+        return record_values(root, graph, args, kwargs, meta=True)
+    with kept_buffers(root):  # a real run may update them (the caller keeps everything else)
+        return record_values(root, graph, args, kwargs)
 
 
 def _integer_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -366,7 +400,7 @@ def trace_model(model: nn.Module, example_inputs: Any, *, mode: str = "eval") ->
         raise TraceError(f"model must be a torch.nn.Module. Got {type(model).__name__} instead.")
     args, kwargs = normalize_inputs(example_inputs)
     meta = on_meta(model)
-    with preserved_state(model, mode, buffers=not meta):
+    with preserved_state(model, mode, buffers=False):  # record_shapes keeps them
         root, graph, leaves, leaf_types = symbolic_trace(model)
         values = record_shapes(root, graph, args, kwargs, meta=meta)
     return Traced(model=model, root=root, graph=graph, values=values, leaves=leaves, mode=mode,

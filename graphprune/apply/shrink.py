@@ -19,7 +19,6 @@ from ..plan import Plan, comp_keep_for
 from ..rules.elements import TInfo
 from ..rules.registry import resizer_for
 from .._modcopy import copy_tree, fake_run, share, to_meta
-from .._np import unique
 from ..trace import (
     TensorSpec,
     export_trace,
@@ -55,25 +54,24 @@ def comp_keep_from_plan(graph: ChannelGraph, plan: Plan) -> np.ndarray:
 
 def kept_indices(graph: ChannelGraph, comp_keep: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
     """For every parameter dim that loses entries: the indices it keeps."""
-    k = comp_keep[graph.comp[graph.m_elems]]
-    out: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    m_comp, offset, flat = graph.flat_layout
+    k = comp_keep[m_comp]
     if k.all():
         return {}
     # one flat boolean space: (param, dim) key -> its slice of indices
-    sizes = np.array([graph.params[p].shape[d] for p, d in graph.member_keys], dtype=np.int64)
-    offset = np.concatenate([[0], np.cumsum(sizes)])
-    flat = offset[graph.m_key] + graph.m_index
     gone = np.zeros(int(offset[-1]), dtype=bool)
     gone[flat[~k]] = True
     if gone[flat[k]].any():  # the tie coupling makes this impossible; guard against rule bugs
         raise PlanError("internal: a parameter index is both kept and removed")
     left = np.flatnonzero(~gone)  # every kept index, in flat space (sorted)
-    keys = unique(graph.m_key[~k])
+    rel = left - offset[np.searchsorted(offset, left, side="right") - 1]  # index in its dim
+    keys = np.flatnonzero(np.bincount(graph.m_key[~k], minlength=len(offset) - 1))
     lo = np.searchsorted(left, offset[keys]).tolist()
     hi = np.searchsorted(left, offset[keys + 1]).tolist()
+    out: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
     for key, a, z in zip(keys.tolist(), lo, hi):
         p, d = graph.member_keys[key]
-        out[p][d] = left[a:z] - offset[key]
+        out[p][d] = rel[a:z].copy()
     return dict(out)
 
 
@@ -178,7 +176,7 @@ def apply_plan(graph: ChannelGraph, plan: Plan, *, inplace: bool = False,
     elif verify == "full":
         verify_shapes(graph, new, shapes)
     elif verify:
-        verify_layers(graph, new, shapes)
+        verify_layers(graph, new, shapes, mods)
     return Applied(new, kept, shapes, graph)
 
 
@@ -290,10 +288,12 @@ def _shapes_of_value(v: Any) -> Any:
     return None
 
 
-def _run_hooked(model: nn.Module, paths: Any, args: Any, kwargs: Any, mode: str):
+def _run_hooked(model: nn.Module, paths: Any, args: Any, kwargs: Any, mode: str,
+                mods: dict[str, nn.Module] | None = None):
     got: dict[str, list[tuple[Any, Any]]] = defaultdict(list)
     handles = []
-    mods = dict(model.named_modules(remove_duplicate=False))
+    if mods is None:
+        mods = dict(model.named_modules(remove_duplicate=False))
     for path in paths:
         def hook(m, inp, out, path=path):
             got[path].append((_shapes_of_value(inp[0]) if inp else None, _shapes_of_value(out)))
@@ -307,9 +307,10 @@ def _run_hooked(model: nn.Module, paths: Any, args: Any, kwargs: Any, mode: str)
     return got, y
 
 
-def verify_layers(graph: ChannelGraph, new: nn.Module, shapes: dict) -> None:
+def verify_layers(graph: ChannelGraph, new: nn.Module, shapes: dict,
+                  mods: dict[str, nn.Module] | None = None) -> None:
     """Run the new model natively; every leaf layer's input and output, and the model's output,
-    must have the shape the plan implies."""
+    must have the shape the plan implies (``mods``: the new model's modules by every path)."""
     for k, t in enumerate(graph.traced):
         want: dict[str, list[tuple[Any, Any, str]]] = defaultdict(list)
         out_node = None
@@ -320,13 +321,12 @@ def verify_layers(graph: ChannelGraph, new: nn.Module, shapes: dict) -> None:
             elif node.op == "output":
                 out_node = node
         args, kwargs = t.inputs
-        meta = on_meta(new)
         try:
-            if meta:
+            if on_meta(new):
                 with fake_run(args, kwargs) as (fa, fk):
                     got, y = _run_hooked(copy_tree(new, to_meta), want, fa, fk, t.mode)
             else:
-                got, y = _run_hooked(new, want, args, kwargs, t.mode)
+                got, y = _run_hooked(new, want, args, kwargs, t.mode, mods)
         except Exception as e:
             raise ParityError(
                 f"internal: the pruned model no longer runs ({type(e).__name__}: {e}). This "
