@@ -7,6 +7,7 @@ returns a new model (the copy is inside its timing) and, by default, verifies ev
 intermediate shape of the result (also timed; shown separately with verify=False).
 
     python bench/speed.py [--repeats 5] [--models resnet50,densenet121,...]
+    python bench/speed.py --threads 1 --cpu-time   # CPU seconds: steadier on a shared machine
 """
 
 from __future__ import annotations
@@ -32,24 +33,27 @@ def classifier_of(model):
     return last
 
 
+CLOCK = time.perf_counter
+
+
 def run_tp(model, x):
     import torch_pruning as tp
 
-    t = time.perf_counter()
+    t = CLOCK()
     imp = tp.importance.MagnitudeImportance(p=1)
     pruner = tp.pruner.MagnitudePruner(model, x, importance=imp, pruning_ratio=0.5,
                                        ignored_layers=[classifier_of(model)])
     pruner.step()
-    dt = time.perf_counter() - t
+    dt = CLOCK() - t
     return dt, sum(p.numel() for p in model.parameters())
 
 
 def run_gp(model, x, verify=True):
     import graphprune as gp
 
-    t = time.perf_counter()
+    t = CLOCK()
     r = gp.prune(model, x, sparsity=0.5, method="l1", verify=verify)
-    dt = time.perf_counter() - t
+    dt = CLOCK() - t
     return dt, r.report.params[1]
 
 
@@ -58,14 +62,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--models", default="resnet50,densenet121,mobilenet_v2,efficientnet_b0")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time in CPU seconds of this process (with --threads 1: what other jobs on "
+                         "the machine change least)")
     args = ap.parse_args()
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
     torch.set_num_threads(args.threads)
     import torch_pruning
     import torchvision
 
     print(f"# {time.strftime('%Y-%m-%d')} {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, torch-pruning "
-          f"{torch_pruning.__version__}; median of {args.repeats} interleaved runs; "
+          f"{torch_pruning.__version__}; {'CPU' if args.cpu_time else 'wall'} seconds, median of "
+          f"{args.repeats} interleaved runs; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'model':<16} {'torch-pruning s':>15} {'graphprune s':>13} {'gp no-verify s':>15} "
           f"{'gp/TP':>6} {'no-verify/TP':>12} {'params TP':>11} {'params gp':>11}")

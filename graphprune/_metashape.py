@@ -1,4 +1,5 @@
-"""Shape-only calls for the meta run of stage 1 (``trace.record_shapes``).
+"""Shape-only calls: the meta run of stage 1 (``trace.record_shapes``) and the stand-ins of a
+verification forward (``apply.shrink.verify_layers``).
 
 On ``meta`` tensors most ops cost a shape function, but a few common ones go through Python
 decompositions that cost more than the real kernel at batch 1 (BatchNorm ~2 ms, ReLU6 ~4 ms,
@@ -8,6 +9,10 @@ the output is what the op is documented to return: a tensor of the input's shape
 layout (the input itself where the real op returns it: ``Identity``, in-place activations,
 dropout in eval mode, ``+=``), the broadcast shape of a binary op, the concatenated shape of a
 ``cat``. Anything else returns ``None`` and the op runs on the meta tensors.
+
+``stock_output`` is the layer part on any device: where a model's shapes and control flow do not
+depend on values (its shapes were recorded on meta tensors), checking the shapes of a pruned
+model does not need the arithmetic of its stock layers.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ _ELEMENTWISE = frozenset((
 _PASS = frozenset((nn.Identity,))  # return their input
 _DROPOUT = frozenset((nn.Dropout, nn.AlphaDropout))  # return their input in eval mode
 _BATCHNORM = frozenset((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
-_KNOWN = _ELEMENTWISE | _PASS | _DROPOUT | _BATCHNORM | {nn.AdaptiveAvgPool2d, nn.Conv2d}
+_KNOWN = _ELEMENTWISE | _PASS | _DROPOUT | _BATCHNORM | {nn.AdaptiveAvgPool2d, nn.Conv2d, nn.Linear}
+STOCK_LAYERS = _KNOWN  # the classes ``stock_output`` knows
 _BINARY = frozenset((operator.add, operator.mul, operator.sub, operator.truediv, torch.add,
                      torch.mul, torch.sub))
 _INPLACE = frozenset((operator.iadd, operator.imul, operator.isub))
@@ -38,9 +44,15 @@ def _hooked(m: nn.Module) -> bool:
                 or _module._global_forward_pre_hooks)
 
 
+def _new(shape: Any, x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` like ``x`` (filling it would cost what a stand-in
+    saves: its values are never read for anything that matters)."""
+    return torch.empty(shape, dtype=x.dtype, device=x.device)
+
+
 def _like(x: torch.Tensor) -> torch.Tensor:
     if x.is_contiguous():
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return _new(x.shape, x)
     return torch.empty_like(x)  # keeps the layout (channels_last), which a later view may need
 
 
@@ -60,15 +72,21 @@ def _bn_fits(m: nn.Module, x: torch.Tensor) -> bool:
 
 def shape_only_call(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The output of ``m(*args, **kwargs)`` on meta tensors without running it, or None."""
-    if kwargs or len(args) != 1:
+    if kwargs or len(args) != 1 or _hooked(m) or "forward" in m.__dict__:
         return None
     x = args[0]
+    if not isinstance(x, torch.Tensor) or x.device.type != "meta":
+        return None
+    return stock_output(m, x)
+
+
+def stock_output(m: nn.Module, x: Any) -> Any:
+    """What the stock layer ``m`` (its own class's forward, called on the tensor ``x``) returns,
+    as far as its shape, dtype, device and layout go (an uninitialised tensor, or ``x`` itself
+    where the layer returns its input), computed from attributes; None when ``m`` is not such a
+    layer or anything about it is unusual (then only running it says what it does)."""
     cls = type(m)
-    if not isinstance(x, torch.Tensor) or x.device.type != "meta" or not x.is_floating_point():
-        return None
-    if cls not in _KNOWN:
-        return None
-    if _hooked(m) or "forward" in m.__dict__:
+    if cls not in _KNOWN or not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None
     if cls in _PASS or (cls in _DROPOUT and not m.training):
         return x
@@ -78,12 +96,25 @@ def shape_only_call(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
         return _like(x)
     if cls is nn.Conv2d:
         return _conv2d(m, x)
+    if cls is nn.Linear:
+        return _linear(m, x)
     if cls is nn.AdaptiveAvgPool2d and x.ndim in (3, 4) and x.is_contiguous() and \
             all(s > 0 for s in x.shape[-3:]):
         size = (m.output_size,) * 2 if isinstance(m.output_size, int) else tuple(m.output_size)
         out = tuple(x.shape[-2 + i] if s is None else int(s) for i, s in enumerate(size))
-        return torch.empty((*x.shape[:-2], *out), dtype=x.dtype, device=x.device)
+        return _new((*x.shape[:-2], *out), x)
     return None
+
+
+def _linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """The shape of ``x @ weight.T + bias``, for a contiguous input whose last dim and dtype fit
+    the weight."""
+    w, bias = m.weight, m.bias
+    if x.ndim < 1 or not x.is_contiguous() or w.dtype != x.dtype or w.ndim != 2 \
+            or tuple(w.shape) != (m.out_features, m.in_features) or x.shape[-1] != m.in_features \
+            or (bias is not None and (tuple(bias.shape) != (m.out_features,) or bias.dtype != x.dtype)):
+        return None
+    return _new((*x.shape[:-1], m.out_features), x)
 
 
 def _conv2d(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
@@ -105,7 +136,7 @@ def _conv2d(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
                     // m.stride[i] + 1 for i in range(2))
         if min(out) < 1:
             return None
-    return torch.empty((x.shape[0], m.out_channels, *out), dtype=x.dtype, device=x.device)
+    return _new((x.shape[0], m.out_channels, *out), x)
 
 
 def _plain(ts: Any) -> bool:

@@ -48,10 +48,6 @@ def _unreached(model: nn.Module, traced: Traced) -> list[str]:
     return out
 
 
-
-
-
-
 def _export_graph(model: nn.Module, example_inputs: Any, why: str, strict: bool,
                   gqa: str) -> ChannelGraph:
     g = build_graph(model, [export_trace(model, example_inputs, why=why)], strict=strict, gqa=gqa)

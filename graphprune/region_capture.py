@@ -126,6 +126,8 @@ def region_root(model: nn.Module, path: str, call: ModuleCall) -> tuple[nn.Modul
 # ---------------------------------------------------------------------- tracing regions
 def opaque_leaves(model: nn.Module, t: Traced) -> list[str]:
     """Opaque fx leaves with parameters and no module rule: their channels would be frozen."""
+    if not t.leaves:
+        return []
     mods = dict(model.named_modules())
     return [p for p in t.leaves if p in mods and module_rule_for(mods[p]) is None
             and any(True for _ in mods[p].parameters())]

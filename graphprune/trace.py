@@ -61,6 +61,8 @@ class Traced:
     leaf_types: tuple[type, ...] = ()
     params: dict[str, str] = field(default_factory=dict)  # placeholder name -> parameter FQN
     why: str = ""  # why this tracer was used
+    # shapes recorded on meta tensors: the model's shapes and control flow do not read values
+    shapes_on_meta: bool = False
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -337,23 +339,24 @@ def _reads_device(graph: fx.Graph) -> bool:
 
 
 def record_shapes(root: nn.Module, graph: fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any],
-                  *, meta: bool = False) -> dict[fx.Node, Any]:
+                  *, meta: bool = False) -> tuple[dict[fx.Node, Any], bool]:
     """``record_values`` at the cost of shape functions: the graph runs on ``meta`` tensors
     (no compute: 2-10x faster than the real forward of a CNN at 224x224, see ``_metashape``)
     unless it reads a tensor's device, and on the real inputs whenever the meta run fails (code
     that reads values: ``.item()``, data-dependent shapes, an op without a meta kernel, a tensor
     held where the meta copies do not reach). Every recorded shape and small value is what the real
     run gives. Integer inputs (token ids, indices) take the real run: their values are read (an
-    id out of an embedding's range is then an error here, not a wrong shape later)."""
+    id out of an embedding's range is then an error here, not a wrong shape later).
+    Also returns whether the values came from meta tensors."""
     if not meta and not _reads_device(graph) and not _integer_inputs(args, kwargs):
         try:
-            return record_values(root, graph, args, kwargs, meta=True)
+            return record_values(root, graph, args, kwargs, meta=True), True
         except Exception:  # the real run below raises the error the caller should see
             pass
     if meta:
-        return record_values(root, graph, args, kwargs, meta=True)
+        return record_values(root, graph, args, kwargs, meta=True), True
     with kept_buffers(root):  # a real run may update them (the caller keeps everything else)
-        return record_values(root, graph, args, kwargs)
+        return record_values(root, graph, args, kwargs), False
 
 
 def _integer_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -402,9 +405,9 @@ def trace_model(model: nn.Module, example_inputs: Any, *, mode: str = "eval") ->
     meta = on_meta(model)
     with preserved_state(model, mode, buffers=False):  # record_shapes keeps them
         root, graph, leaves, leaf_types = symbolic_trace(model)
-        values = record_shapes(root, graph, args, kwargs, meta=meta)
+        values, on_meta_tensors = record_shapes(root, graph, args, kwargs, meta=meta)
     return Traced(model=model, root=root, graph=graph, values=values, leaves=leaves, mode=mode,
-                  inputs=(args, kwargs), leaf_types=leaf_types)
+                  inputs=(args, kwargs), leaf_types=leaf_types, shapes_on_meta=on_meta_tensors)
 
 
 def export_trace(model: nn.Module, example_inputs: Any, *, mode: str = "eval", why: str = "",

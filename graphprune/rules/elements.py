@@ -16,6 +16,7 @@ where there is none freezes its own side.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ class Axis:
 
     def __init__(self, dims: tuple[int, ...], sizes: tuple[int, ...], base: int, node: str):
         self.dims, self.sizes, self.base, self.node = dims, sizes, base, node
-        self.size = int(np.prod(sizes)) if sizes else 1
+        self.size = math.prod(sizes)  # 1 for no dims
 
     def elems(self) -> np.ndarray:
         return np.arange(self.base, self.base + self.size, dtype=np.int64)

@@ -83,3 +83,74 @@ def test_conv_shape_formula_matches_the_kernel():
             assert got.device.type == "meta"
             checked += 1
     assert checked > 300
+
+
+# ---------------------------------------------------------------------- verification stand-ins
+S = importlib.import_module("graphprune.apply.shrink")
+
+
+class _Convs(torch.overrides.TorchFunctionMode):
+    """Counts the convolutions and matrix products that really run."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.nn.functional.conv2d, torch.conv2d, torch.nn.functional.linear):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _pruned(model, x):
+    import graphprune as gp
+
+    g = gp.trace(model, x)
+    plan = gp.make_plan(g, sparsity=0.5)
+    return g, gp.apply_plan(g, plan, verify=False)
+
+
+def test_verification_checks_every_layer_without_its_arithmetic():
+    torch.manual_seed(0)
+    g, app = _pruned(torchvision.models.mobilenet_v2(), torch.randn(1, 3, 64, 64))
+    assert g.traced[0].shapes_on_meta
+    with _Convs() as mode:
+        S.verify_layers(g, app.model, app.shapes)
+    assert mode.n == 0  # shapes from attributes: no convolution ran
+    assert not any("forward" in m.__dict__ for m in app.model.modules())  # stand-ins removed
+
+
+def test_verification_stand_ins_still_catch_a_wrong_layer():
+    import graphprune as gp
+
+    torch.manual_seed(0)
+    g, app = _pruned(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+    conv = app.model.layer1[0].conv1
+    # a layer that produces one channel too few, attributes and all (what a rule bug would give)
+    conv.weight = nn.Parameter(conv.weight[:-1].clone())
+    conv.out_channels -= 1
+    with pytest.raises(gp.errors.ParityError, match=r"no longer runs in layer 'layer1.0.bn1'.*31"):
+        S.verify_layers(g, app.model, app.shapes)
+    # a wrong width nothing downstream trips over: the layer's own check names it
+    g, app = _pruned(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+    fc = app.model.fc
+    fc.weight, fc.bias = nn.Parameter(fc.weight[:-1].clone()), nn.Parameter(fc.bias[:-1].clone())
+    fc.out_features -= 1
+    with pytest.raises(gp.errors.ParityError, match=r"layer 'fc'.*999\) but the plan implies"):
+        S.verify_layers(g, app.model, app.shapes)
+    # a weight sliced without its attributes: the stand-in steps aside and the kernel fails
+    g, app = _pruned(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+    conv = app.model.layer1[0].conv2
+    conv.weight = nn.Parameter(conv.weight[:, :-1].clone())
+    with pytest.raises(gp.errors.ParityError, match="no longer runs in layer 'layer1.0.conv2'"):
+        S.verify_layers(g, app.model, app.shapes)
+
+
+def test_models_whose_values_are_read_are_verified_for_real():
+    torch.manual_seed(0)
+    model = nets.Tied()  # token ids are read: shapes recorded on the real run
+    g, app = _pruned(model, torch.randint(0, 20, (2, 5)))
+    assert not g.traced[0].shapes_on_meta
+    with _Convs() as mode:
+        S.verify_layers(g, app.model, app.shapes)
+    assert mode.n == 2  # both linear layers really ran
