@@ -167,8 +167,8 @@ def compare(name, args):
     for tag, rr in (("context", runs), ("isolated", iso)):
         km, _ = fit_kernels(rr[:n], widths, sizes, block, stat="low_ms")
         p = Predictor(km, sizes, block)
-        a, b, clock = calibrate(p, sizes, widths, ts[:n], clocks=CLOCKS if tag == "context" else (clock,))
-        preds[tag] = lambda w, p=p, a=a, b=b: (a + b * p.total({**sizes, **w})) / (a + b * p.total(sizes))
+        e, clock = calibrate(p, sizes, widths, ts[:n], clocks=CLOCKS if tag == "context" else (clock,))
+        preds[tag] = lambda w, p=p, e=e: (p.total({**sizes, **w}) / p.total(sizes)) ** e
         if tag == "isolated":  # a lookup table as published: layer sum + the dense remainder
             run0 = ts[0].ms(clock)
             c = run0 - p.total(sizes)

@@ -201,7 +201,6 @@ class _Greedy:
         self.pos = {n: len(c) - 1 for n, c in choices.items()}
         self.cur = {n: self.p.group_ms(n, self.widths) for n in choices}
         self.total = self.p.total(self.widths)
-        self.dense = self.total
 
     def widths_of(self, names: Sequence[str]) -> dict[str, int]:
         return {n: self.widths[n] for n in names}
@@ -222,8 +221,7 @@ class _Greedy:
             self.cur[g] = self.p.group_ms(g, self.widths)
 
     def _budget(self, target: float) -> float:
-        a, b = self.t.alpha, self.t.beta
-        return (target * (a + b * self.dense) - a) / b
+        return self.t.kernel_budget(target)
 
     def cut(self, target: float, lookahead: int) -> None:
         budget = self.budget = self._budget(target)
@@ -237,7 +235,7 @@ class _Greedy:
                         if best is None or cost < best[0]:
                             best = (cost, n, k, d_ms)
             if best is None:
-                reach = (self.t.alpha + self.t.beta * self.total) / (self.t.alpha + self.t.beta * self.dense)
+                reach = self.t.ratio_of(self.total)
                 raise ConfigError(
                     f"target_latency={target:g} cannot be reached: with every prunable group cut "
                     f"as far as allowed the predicted latency is {reach:.3f} of the dense model's. "

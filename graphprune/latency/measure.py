@@ -5,7 +5,9 @@ does not depend on which) exported to ONNX. Sessions take turns round-robin, so 
 processes hits every variant alike. Every measuring session stops its thread pool's spinning
 when a run ends: by default an onnxruntime worker spins for 20-50 ms of CPU after each run, long
 enough to steal a core from the next variant's turn (2 threads on 2 idle cores: the ratio of a
-pruned 1 ms model to dense then read 0.25 to 0.57 in three repeats). Two phases: with
+pruned 1 ms model to dense then read 0.25 to 0.57 in three repeats). Every turn opens with
+untimed warm-up runs (``WARM_RUNS``), so that each variant is timed at its steady state, as a
+deployed model runs back to back, not with the caches the other variants left. Two phases: with
 onnxruntime's profiler on, the median time of every kernel (after graph optimisation: fused
 convolutions, NCHWc reorders...), with its input and output shapes; with it off, the median
 wall-clock latency of a run.
@@ -139,6 +141,11 @@ class Kernel:
 
 
 CLOCKS = ("median", "quartile", "profile")
+# Untimed runs that open every turn: the first run after the other variants' turns is 4% slower
+# for a 1 ms dense net and 10% for its pruned variants (weights and activations evicted, and
+# the small nets gain more from cache), the second still 1-3%; from the third on a variant runs
+# at its steady state, the latency of a model timed on its own back to back.
+WARM_RUNS = 2
 
 
 @dataclass(frozen=True)
@@ -178,15 +185,20 @@ def _shapes(v: Any) -> tuple[tuple[int, ...], ...]:
     return tuple(out)
 
 
-def _parse_profile(path: str, skip_runs: int) -> tuple[dict[str, Kernel], float]:
+def _parse_profile(path: str, skip_runs: int, turn: tuple[int, int] = (0, 1)
+                   ) -> tuple[dict[str, Kernel], float]:
     """Median (and 25th percentile) duration per kernel over the profiled runs, the first
-    ``skip_runs`` dropped; and the time a run spends outside kernels: the 25th percentile of
-    every gap (before, between, after its kernels) summed, so that, as for the kernels, a run
+    ``skip_runs`` dropped and, with ``turn = (warm, timed)``, the ``warm`` runs that open every
+    turn of ``warm + timed`` runs; and the time a run spends outside kernels: the 25th percentile
+    of every gap (before, between, after its kernels) summed, so that, as for the kernels, a run
     preempted anywhere counts only where it was preempted (the 25th percentile of whole runs'
     gaps took in the preemptions of most runs on a busy machine)."""
     with open(path, encoding="utf-8") as f:
         events = json.load(f)
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    warm, timed = turn
+    counted = [i >= skip_runs and (i - skip_runs) % (warm + timed) >= warm for i in range(len(runs))]
+    counted = counted if any(counted) else [True] * len(runs)  # too few runs: every one
     starts = [r[0] for r in runs]
     spans: list[list[tuple[float, float]]] = [[] for _ in runs]
     durs: dict[str, list[float]] = defaultdict(list)
@@ -196,8 +208,9 @@ def _parse_profile(path: str, skip_runs: int) -> tuple[dict[str, Kernel], float]
         if e.get("cat") != "Node" or not name.endswith("_kernel_time"):
             continue
         node = name[: -len("_kernel_time")]
-        durs[node].append(e["dur"] / 1e3)
         r = bisect.bisect_right(starts, e["ts"]) - 1
+        if r < 0 or counted[r]:
+            durs[node].append(e["dur"] / 1e3)
         if r >= 0:
             spans[r].append((e["ts"], e["ts"] + e["dur"]))
         if node not in meta:
@@ -207,9 +220,9 @@ def _parse_profile(path: str, skip_runs: int) -> tuple[dict[str, Kernel], float]
     out = {}
     for node, d in durs.items():
         op, ins, outs = meta[node]
-        d = d[skip_runs:] if len(d) > skip_runs + 2 else d
         out[node] = Kernel(op, ins, outs, float(statistics.median(d)), float(np.quantile(d, 0.25)))
-    return out, _overhead(runs[skip_runs:], spans[skip_runs:])
+    keep = [i for i, c in enumerate(counted) if c]
+    return out, _overhead([runs[i] for i in keep], [spans[i] for i in keep])
 
 
 def _overhead(runs: Sequence[tuple[float, float]], spans: Sequence[list[tuple[float, float]]]
@@ -231,13 +244,15 @@ def _overhead(runs: Sequence[tuple[float, float]], spans: Sequence[list[tuple[fl
 
 
 def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], rounds: int, per_round: int,
-                pause: float) -> list[list[float]]:
+                pause: float, warm: int = 0) -> list[list[float]]:
+    """``rounds`` turns of every session: ``warm`` runs not timed, then ``per_round`` timed."""
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(rounds):
         for k, (s, f) in enumerate(zip(sessions, feeds)):
             if pause:
                 time.sleep(pause)
-            s.run(None, f)  # wake the thread pool; not timed
+            for _ in range(warm):
+                s.run(None, f)
             for _ in range(per_round):
                 t = time.perf_counter()
                 s.run(None, f)
@@ -248,11 +263,14 @@ def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], rounds: int, per
 def time_variants(paths: Sequence[str], example_inputs: Any, *, threads: int = 2,
                   providers: Sequence[str] = ("CPUExecutionProvider",),
                   optimization: str = "all", rounds: int = 20, per_round: int = 3,
-                  profile: bool | Sequence[bool] = True, pause: float = 0.0) -> list[Timing]:
+                  profile: bool | Sequence[bool] = True, pause: float = 0.0,
+                  warm: int = WARM_RUNS) -> list[Timing]:
     """Time the ONNX files ``paths`` against each other, interleaved (see the module docstring).
 
     Returns one ``Timing`` per path: its wall-clock latency over ``rounds * per_round`` runs
-    and, with ``profile`` (one flag, or one per path), the time of every kernel. Turns follow
+    and, with ``profile`` (one flag, or one per path), the time of every kernel. Every turn
+    opens with ``warm`` runs that are not counted (``WARM_RUNS``): what is timed is each model's
+    steady state, whatever ran before it and however many variants take turns. Turns follow
     each other without a ``pause`` by default: sleeping 30 ms before each turn (meant to let
     spinning pools park, which stopping the spin now does) left each turn on a cold core, spread
     the ratios about 1.5x wider and made a table take 2.5x as long to measure.
@@ -264,6 +282,9 @@ def time_variants(paths: Sequence[str], example_inputs: Any, *, threads: int = 2
     if rounds < 1 or per_round < 1:
         raise ConfigError(f"The 'rounds' and 'per_round' parameters of time_variants must be ints "
                           f">= 1. Got {rounds!r} and {per_round!r} instead.")
+    if warm < 0:
+        raise ConfigError(f"The 'warm' parameter of time_variants must be an int >= 0. Got {warm!r} "
+                          "instead.")
     kernels: list[dict[str, Kernel]] = [{} for _ in paths]
     overhead = [0.0] * len(paths)
     flags = [bool(profile)] * len(paths) if isinstance(profile, bool) else [bool(f) for f in profile]
@@ -274,17 +295,17 @@ def time_variants(paths: Sequence[str], example_inputs: Any, *, threads: int = 2
                                      optimization=optimization,
                                      profile_prefix=os.path.join(d, f"v{k}")) for k in which]
             feeds = [feeds_for(s, example_inputs) for s in sessions]
-            warm = 2
-            _interleave(sessions, feeds, warm, 1, 0.0)
-            _interleave(sessions, feeds, max(3, rounds // 2), per_round, pause)
+            _interleave(sessions, feeds, 2, 1, 0.0)
+            _interleave(sessions, feeds, max(3, rounds // 2), per_round, pause, warm)
             for k, s in zip(which, sessions):
-                kernels[k], overhead[k] = _parse_profile(s.end_profiling(), skip_runs=2 * warm)
+                kernels[k], overhead[k] = _parse_profile(s.end_profiling(), skip_runs=2,
+                                                         turn=(warm, per_round))
             del sessions
     sessions = [make_session(p, threads=threads, providers=providers, optimization=optimization)
                 for p in paths]
     feeds = [feeds_for(s, example_inputs) for s in sessions]
     _interleave(sessions, feeds, 2, 2, 0.0)
-    walls = _interleave(sessions, feeds, rounds, per_round, pause)
+    walls = _interleave(sessions, feeds, rounds, per_round, pause, warm)
     return [Timing(float(statistics.median(w)), float(np.quantile(w, 0.25)), kernels[k], overhead[k])
             for k, w in enumerate(walls)]
 

@@ -13,9 +13,9 @@ sequence. A kernel's time is then fitted, by non-negative least squares, as
 
 where ``p = pad(width) / pad(size)`` is the fraction of the group's channels kept, padded up to
 the kernel block: within a block the cost does not change, which makes each group's latency a
-step curve of its width. The model's latency is ``alpha + beta * sum(t)``, with ``alpha`` and
-``beta`` fitted to the wall-clock latencies of the same variants (session overhead, and the
-profiler's own cost).
+step curve of its width. The model's latency relative to dense is ``(sum(t) / dense sum(t)) **
+exponent``, the exponent fitted to the wall-clock latencies of the same variants
+(``build.calibrate``).
 """
 
 from __future__ import annotations

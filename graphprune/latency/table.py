@@ -23,7 +23,7 @@ from ..io import atomic_write_text
 from .model import KernelModel, Predictor, pad
 
 TABLE_FORMAT = "graphprune.latency_table"
-TABLE_VERSION = 1
+TABLE_VERSION = 3  # 2: untimed warm-up runs open every turn; 3: power-law calibration (exponent)
 
 
 class LatencyTableError(GraphPruneError, ValueError):
@@ -75,8 +75,7 @@ class LatencyTable:
     key: Mapping[str, Any]
     dense_ms: float
     block: int
-    alpha: float
-    beta: float
+    exponent: float
     sizes: Mapping[str, int]
     kernels: tuple[KernelModel, ...]
     samples: tuple[Sample, ...]
@@ -128,10 +127,17 @@ class LatencyTable:
         return self.dense_ms * self.predict_ratio(widths)
 
     def predict_ratio(self, widths: Mapping[str, int]) -> float:
-        """Predicted latency relative to the dense model's."""
-        p = self.predictor
-        dense = self.alpha + self.beta * p.total(dict(self.sizes))
-        return (self.alpha + self.beta * p.total(self.full_widths(widths))) / dense
+        """Predicted latency relative to the dense model's: ``(kernels / dense kernels) **
+        exponent`` (``build.calibrate``)."""
+        return self.ratio_of(self.predictor.total(self.full_widths(widths)))
+
+    def ratio_of(self, kernel_ms: float) -> float:
+        """Latency / dense of a model whose kernels the predictor sums to ``kernel_ms``."""
+        return (max(kernel_ms, 0.0) / self.predictor.total(dict(self.sizes))) ** self.exponent
+
+    def kernel_budget(self, ratio: float) -> float:
+        """The predictor's kernel milliseconds at which latency / dense is ``ratio``."""
+        return self.predictor.total(dict(self.sizes)) * ratio ** (1.0 / self.exponent)
 
     def aligned(self, widths: Mapping[str, int]) -> bool:
         """Whether every cut group keeps a multiple of ``round_to`` (the widths measured fast)."""
@@ -142,12 +148,13 @@ class LatencyTable:
         """Per group: (width, predicted latency change in ms vs dense, others whole) at every
         multiple of the block, the steps of the curve."""
         p, full = self.predictor, dict(self.sizes)
-        scale = self.dense_ms / (self.alpha + self.beta * p.total(full))
+        total = p.total(full)
         out = {}
         for g, size in self.sizes.items():
             ws = sorted({*range(self.block, size, self.block), size})
             base = p.group_ms(g, full)
-            out[g] = [(w, self.beta * scale * (p.group_ms(g, {**full, g: w}) - base)) for w in ws]
+            out[g] = [(w, self.dense_ms * (self.ratio_of(total + p.group_ms(g, {**full, g: w}) - base) - 1))
+                      for w in ws]
         return out
 
     @property
@@ -175,7 +182,7 @@ class LatencyTable:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": TABLE_FORMAT, "version": self.version, "key": _plain(self.key),
-            "dense_ms": self.dense_ms, "block": self.block, "alpha": self.alpha, "beta": self.beta,
+            "dense_ms": self.dense_ms, "block": self.block, "exponent": self.exponent,
             "round_to": self.round_to, "meta": _plain(self.meta), "sizes": dict(self.sizes),
             "unmatched": list(self.unmatched),
             "curves": {g: [[w, round(ms, 5)] for w, ms in c] for g, c in self.curves().items()},
@@ -193,7 +200,7 @@ class LatencyTable:
                                     f"reads version {TABLE_VERSION}. Rebuild the table.")
         try:
             return cls(key=d["key"], dense_ms=float(d["dense_ms"]), block=int(d["block"]),
-                       alpha=float(d["alpha"]), beta=float(d["beta"]), sizes=dict(d["sizes"]),
+                       exponent=float(d["exponent"]), sizes=dict(d["sizes"]),
                        kernels=tuple(KernelModel.from_dict(k) for k in d["kernels"]),
                        samples=tuple(Sample.from_dict(s) for s in d["samples"]),
                        round_to=int(d["round_to"]), unmatched=tuple(d.get("unmatched", ())),
@@ -231,7 +238,7 @@ class LatencyTable:
         return hash(json.dumps(_plain(self.key), sort_keys=True))
 
     def _fields(self) -> tuple:
-        return (dict(self.key), self.dense_ms, self.block, self.alpha, self.beta, dict(self.sizes),
+        return (dict(self.key), self.dense_ms, self.block, self.exponent, dict(self.sizes),
                 self.kernels, tuple(s.to_dict().__repr__() for s in self.samples), self.round_to,
                 self.unmatched, dict(self.meta), self.version)
 
