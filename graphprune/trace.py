@@ -365,8 +365,10 @@ def _integer_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
                for t in leaves)
 
 
-def on_meta(model: nn.Module) -> bool:
-    return any(p.device.type == "meta" for p in model.parameters())
+def on_meta(model: nn.Module, modules: Any = None) -> bool:
+    """Whether any parameter lives on the meta device (``modules``: the model's, if at hand)."""
+    mods = model.modules() if modules is None else modules
+    return any(p is not None and p.device.type == "meta" for m in mods for p in m._parameters.values())
 
 
 def _record(root: nn.Module, graph: fx.Graph, args: tuple[Any, ...],

@@ -365,7 +365,7 @@ def verify_layers(graph: ChannelGraph, new: nn.Module, shapes: dict,
                 out_node = node
         args, kwargs = t.inputs
         try:
-            if on_meta(new):
+            if on_meta(new, None if mods is None else mods.values()):
                 with fake_run(args, kwargs) as (fa, fk):
                     got, y = _run_hooked(copy_tree(new, to_meta), want, fa, fk, t.mode)
             else:
