@@ -70,9 +70,15 @@ def _bn_fits(m: nn.Module, x: torch.Tensor) -> bool:
                for t in (m.weight, m.bias, m.running_mean, m.running_var))
 
 
+def patched(m: nn.Module) -> bool:
+    """Whether the instance overrides what its class's forward runs."""
+    d = m.__dict__
+    return "forward" in d or "_conv_forward" in d
+
+
 def shape_only_call(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The output of ``m(*args, **kwargs)`` on meta tensors without running it, or None."""
-    if kwargs or len(args) != 1 or _hooked(m) or "forward" in m.__dict__:
+    if kwargs or len(args) != 1 or _hooked(m) or patched(m):
         return None
     x = args[0]
     if not isinstance(x, torch.Tensor) or x.device.type != "meta":

@@ -19,7 +19,7 @@ from ..graph import ChannelGraph
 from ..plan import Plan, comp_keep_for
 from ..rules.elements import TInfo
 from ..rules.registry import resizer_for
-from .._metashape import STOCK_LAYERS, stock_output
+from .._metashape import STOCK_LAYERS, patched, stock_output
 from .._modcopy import copy_tree, fake_run, share, to_meta
 from ..trace import (
     TensorSpec,
@@ -331,7 +331,7 @@ def _run_hooked(model: nn.Module, paths: Any, args: Any, kwargs: Any, mode: str,
             if stand_ins:
                 for path in paths:
                     m = mods[path]
-                    if type(m) in STOCK_LAYERS and "forward" not in m.__dict__:
+                    if type(m) in STOCK_LAYERS and not patched(m):
                         m.forward = _stand_in(m)
             y = model(*args, **kwargs)
     except Exception as e:
@@ -352,7 +352,8 @@ def verify_layers(graph: ChannelGraph, new: nn.Module, shapes: dict,
     with the output their attributes imply instead of computing it (``_metashape.stock_output``;
     a layer whose parameters do not fit its input still runs, and fails as it would): the model's
     own code runs, every layer is checked, and the check costs a few milliseconds instead of a
-    forward pass. Otherwise (values are read) the model runs for real.
+    forward pass. Otherwise (values are read) the model runs for real, and so it does whenever
+    the run with stand-ins fails: only a real run reports a problem.
     """
     for k, t in enumerate(graph.traced):
         want: dict[str, list[tuple[Any, Any, str]]] = defaultdict(list)
@@ -363,34 +364,52 @@ def verify_layers(graph: ChannelGraph, new: nn.Module, shapes: dict,
                                           shapes.get((k, node.name)), node.name))
             elif node.op == "output":
                 out_node = node
-        args, kwargs = t.inputs
-        try:
-            if on_meta(new, None if mods is None else mods.values()):
-                with fake_run(args, kwargs) as (fa, fk):
-                    got, y = _run_hooked(copy_tree(new, to_meta), want, fa, fk, t.mode)
-            else:
-                got, y = _run_hooked(new, want, args, kwargs, t.mode, mods,
-                                     stand_ins=t.shapes_on_meta and t.tracer == "torch.fx")
-        except _LayerFailed as f:
-            e = f.error
-            where = f" in layer '{f.path}'" if f.path else ""
-            raise ParityError(
-                f"internal: the pruned model no longer runs{where} ({type(e).__name__}: {e}). "
-                "This is a graphprune bug; please report it with the model. Work around it by "
-                "passing ignore=[...] for the modules involved.") from e
-        for path, calls in want.items():
-            for (w_in, w_out, name), (g_in, g_out) in zip(calls, got.get(path, [])):
-                if (w_in is not None and g_in is not None and w_in != g_in) or (
-                        w_out is not None and g_out is not None and w_out != g_out):
-                    raise ParityError(
-                        f"internal: after pruning, layer '{path}' (node '{name}') maps {g_in} -> "
-                        f"{g_out} but the plan implies {w_in} -> {w_out}. This is a graphprune "
-                        "bug; please report it with the model. Work around it with ignore=[...].")
         want_out = shapes.get((k, out_node.name)) if out_node is not None else None
-        got_out = _shapes_of_value(y)
-        if want_out is not None and got_out is not None and _strip(want_out) != _strip(got_out):
-            raise ParityError(f"internal: the pruned model's output has shape {got_out}, "
-                              f"expected {want_out}.")
+        fast = t.shapes_on_meta and t.tracer == "torch.fx"
+        problem = _check_run(new, t, want, want_out, mods, stand_ins=fast)
+        if problem is not None and fast:
+            # stand-in outputs hold no real values: a value check the meta run could not see
+            # (``torch._assert_async``, an index computed from activations) may trip on them, so a
+            # real run decides
+            problem = _check_run(new, t, want, want_out, mods, stand_ins=False)
+        if problem is not None:
+            raise problem
+
+
+def _check_run(new: nn.Module, t: Any, want: dict[str, list[tuple[Any, Any, str]]],
+               want_out: Any, mods: dict[str, nn.Module] | None,
+               stand_ins: bool) -> ParityError | None:
+    """One checked run of the new model: the error to raise, or None."""
+    args, kwargs = t.inputs
+    try:
+        if on_meta(new, None if mods is None else mods.values()):
+            with fake_run(args, kwargs) as (fa, fk):
+                got, y = _run_hooked(copy_tree(new, to_meta), want, fa, fk, t.mode)
+        else:
+            got, y = _run_hooked(new, want, args, kwargs, t.mode, mods, stand_ins=stand_ins)
+    except Exception as failed:
+        f = failed if isinstance(failed, _LayerFailed) else _LayerFailed(None, failed)
+        e = f.error
+        where = f" in layer '{f.path}'" if f.path else ""
+        err = ParityError(
+            f"internal: the pruned model no longer runs{where} ({type(e).__name__}: {e}). "
+            "This is a graphprune bug; please report it with the model. Work around it by "
+            "passing ignore=[...] for the modules involved.")
+        err.__cause__ = e
+        return err
+    for path, calls in want.items():
+        for (w_in, w_out, name), (g_in, g_out) in zip(calls, got.get(path, [])):
+            if (w_in is not None and g_in is not None and w_in != g_in) or (
+                    w_out is not None and g_out is not None and w_out != g_out):
+                return ParityError(
+                    f"internal: after pruning, layer '{path}' (node '{name}') maps {g_in} -> "
+                    f"{g_out} but the plan implies {w_in} -> {w_out}. This is a graphprune "
+                    "bug; please report it with the model. Work around it with ignore=[...].")
+    got_out = _shapes_of_value(y)
+    if want_out is not None and got_out is not None and _strip(want_out) != _strip(got_out):
+        return ParityError(f"internal: the pruned model's output has shape {got_out}, "
+                           f"expected {want_out}.")
+    return None
 
 
 def _strip(s: Any) -> Any:

@@ -23,7 +23,7 @@ def _producers(group: Group) -> list[GroupMember]:
 def _per_index(t: torch.Tensor, dim: int, p: int) -> np.ndarray:
     """Sum of |w|^p over every dim but ``dim``: one value per index along ``dim``."""
     x = t.detach()
-    if not x.is_floating_point():
+    if x.dtype != torch.float64:  # ints, half, bfloat16: sum in float32 (numpy has no bfloat16)
         x = x.float()
     other = [d for d in range(x.ndim) if d != dim]
     v = x.abs() if p == 1 else x * x  # a plain sum: 2-4x faster than vector_norm on CPU

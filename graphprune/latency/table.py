@@ -133,11 +133,14 @@ class LatencyTable:
 
     def ratio_of(self, kernel_ms: float) -> float:
         """Latency / dense of a model whose kernels the predictor sums to ``kernel_ms``."""
-        return (max(kernel_ms, 0.0) / self.predictor.total(dict(self.sizes))) ** self.exponent
+        dense = self.predictor.total(dict(self.sizes))
+        if dense <= 0:  # no kernel time modelled: nothing to predict a change from
+            return 1.0
+        return (max(kernel_ms, 0.0) / dense) ** self.exponent
 
     def kernel_budget(self, ratio: float) -> float:
         """The predictor's kernel milliseconds at which latency / dense is ``ratio``."""
-        return self.predictor.total(dict(self.sizes)) * ratio ** (1.0 / self.exponent)
+        return self.predictor.total(dict(self.sizes)) * max(ratio, 0.0) ** (1.0 / self.exponent)
 
     def aligned(self, widths: Mapping[str, int]) -> bool:
         """Whether every cut group keeps a multiple of ``round_to`` (the widths measured fast)."""
@@ -198,6 +201,10 @@ class LatencyTable:
         if d.get("version") != TABLE_VERSION:
             raise LatencyTableError(f"{source} has version {d.get('version')!r}; this graphprune "
                                     f"reads version {TABLE_VERSION}. Rebuild the table.")
+        exponent = d.get("exponent")
+        if not isinstance(exponent, (int, float)) or not 0 < exponent < 10:
+            raise LatencyTableError(f"{source} is malformed: 'exponent' must be a number in (0, 10). "
+                                    f"Got {exponent!r} instead. Rebuild the table.")
         try:
             return cls(key=d["key"], dense_ms=float(d["dense_ms"]), block=int(d["block"]),
                        exponent=float(d["exponent"]), sizes=dict(d["sizes"]),

@@ -201,6 +201,11 @@ def test_table_round_trips_and_refuses_bad_files(tmp_path):
     (tmp_path / "v.json").write_text(json.dumps(d))
     with pytest.raises(LatencyTableError, match="version 99"):
         LatencyTable.load(tmp_path / "v.json")
+    d = json.loads(p.read_text())
+    d["exponent"] = 0
+    (tmp_path / "e.json").write_text(json.dumps(d))
+    with pytest.raises(LatencyTableError, match="'exponent' must be a number in"):
+        LatencyTable.load(tmp_path / "e.json")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(LatencyTableError, match="not valid JSON"):
         LatencyTable.load(tmp_path / "bad.json")

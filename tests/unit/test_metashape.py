@@ -154,3 +154,31 @@ def test_models_whose_values_are_read_are_verified_for_real():
     with _Convs() as mode:
         S.verify_layers(g, app.model, app.shapes)
     assert mode.n == 2  # both linear layers really ran
+
+
+class _ChecksValues(nn.Module):
+    """A value check the meta run cannot see (``_assert_async`` is a no-op on meta tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = self.act(self.conv1(x))
+        torch._assert_async((h >= 0).all(), "relu output must be non-negative")
+        return self.conv2(h)
+
+
+def test_a_value_check_tripped_by_stand_ins_is_decided_by_a_real_run():
+    torch.manual_seed(0)
+    g, app = _pruned(_ChecksValues().eval(), torch.randn(1, 3, 8, 8))
+    assert g.traced[0].shapes_on_meta
+    torch.use_deterministic_algorithms(True)  # uninitialised memory is NaN: the check trips
+    try:
+        with _Convs() as mode:
+            S.verify_layers(g, app.model, app.shapes)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert mode.n == 2  # the stand-in run failed, the real run decided (and passed)
