@@ -32,8 +32,8 @@ _ELEMENTWISE = frozenset((
 _PASS = frozenset((nn.Identity,))  # return their input
 _DROPOUT = frozenset((nn.Dropout, nn.AlphaDropout))  # return their input in eval mode
 _BATCHNORM = frozenset((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
-_KNOWN = _ELEMENTWISE | _PASS | _DROPOUT | _BATCHNORM | {nn.AdaptiveAvgPool2d, nn.Conv2d, nn.Linear}
-STOCK_LAYERS = _KNOWN  # the classes ``stock_output`` knows
+# the classes ``stock_output`` knows
+STOCK_LAYERS = _ELEMENTWISE | _PASS | _DROPOUT | _BATCHNORM | {nn.AdaptiveAvgPool2d, nn.Conv2d, nn.Linear}
 _BINARY = frozenset((operator.add, operator.mul, operator.sub, operator.truediv, torch.add,
                      torch.mul, torch.sub))
 _INPLACE = frozenset((operator.iadd, operator.imul, operator.isub))
@@ -92,7 +92,7 @@ def stock_output(m: nn.Module, x: Any) -> Any:
     where the layer returns its input), computed from attributes; None when ``m`` is not such a
     layer or anything about it is unusual (then only running it says what it does)."""
     cls = type(m)
-    if cls not in _KNOWN or not isinstance(x, torch.Tensor) or not x.is_floating_point():
+    if cls not in STOCK_LAYERS or not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None
     if cls in _PASS or (cls in _DROPOUT and not m.training):
         return x
@@ -163,7 +163,7 @@ def shape_only_function(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
             return None
         if fn in _INPLACE:
             return a if shape == a.shape else None
-        return torch.empty(shape, dtype=a.dtype, device=a.device)
+        return _new(shape, a)
     if fn is torch.cat:
         ts = args[0] if args else kwargs.get("tensors")
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
@@ -179,5 +179,5 @@ def shape_only_function(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
             return None
         shape = list(ts[0].shape)
         shape[dim] = sum(t.shape[dim] for t in ts)
-        return torch.empty(shape, dtype=ts[0].dtype, device=ts[0].device)
+        return _new(shape, ts[0])
     return None

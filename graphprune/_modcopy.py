@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 _ATOMIC = frozenset((int, float, bool, str, bytes, type(None), torch.dtype, torch.device, type))
 _EMPTYABLE = frozenset((dict, set, list, OrderedDict))
@@ -73,21 +74,20 @@ def share(t: torch.Tensor) -> torch.Tensor:
 
 
 def to_meta(t: torch.Tensor) -> torch.Tensor:
-    m = torch.empty_like(t, device="meta")
+    m = _as_meta(t)
     if isinstance(t, nn.Parameter):
         return nn.Parameter(m, requires_grad=t.requires_grad)
     return m
 
 
+def _as_meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, device="meta")
+
+
 def meta_args(v: Any) -> Any:
-    """Example inputs with every tensor replaced by a meta tensor of the same shape and dtype."""
-    if isinstance(v, torch.Tensor):
-        return torch.empty_like(v, device="meta")
-    if isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
-        return type(v)(meta_args(x) for x in v)
-    if isinstance(v, dict):
-        return {k: meta_args(x) for k, x in v.items()}
-    return v
+    """Example inputs with every tensor replaced by a meta tensor of the same shape and dtype
+    (any pytree: lists, tuples, NamedTuples, dicts)."""
+    return tree_map_only(torch.Tensor, _as_meta, v)
 
 
 @contextlib.contextmanager
@@ -100,13 +100,7 @@ def fake_run(args: Any, kwargs: Any) -> Iterator[tuple[Any, Any]]:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
 
     def fake(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return mode.from_tensor(torch.empty_like(v, device="meta"))
-        if isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
-            return type(v)(fake(x) for x in v)
-        if isinstance(v, dict):
-            return {k: fake(x) for k, x in v.items()}
-        return v
+        return tree_map_only(torch.Tensor, lambda t: mode.from_tensor(_as_meta(t)), v)
 
     with mode:
         yield fake(args), fake(kwargs)

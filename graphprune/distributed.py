@@ -33,7 +33,6 @@ from .config import DEVICES
 from .errors import ConfigError
 
 
-
 @dataclass(frozen=True)
 class DistEnv:
     """This process's place in a run: ``rank`` of ``world_size``, ``local_rank`` on its machine."""

@@ -95,7 +95,8 @@ def rebuild(model: nn.Module, example: torch.Tensor, recipe: Recipe, message: by
     if _data_digest(data) != msg["data"]:
         raise InputError(f"The data '{data.source}' loaded by this process differs from rank 0's: "
                          "every process must read the same data.", param="data")
-    graph = trace(model, example, tracer=recipe.prune.tracer, strict=recipe.prune.strict)
+    graph = trace(model, example, tracer=recipe.prune.tracer, strict=recipe.prune.strict,
+                  gqa=recipe.prune.gqa)  # as prune traced it on rank 0
     plan = Plan.from_json(msg["plan"], "rank 0's plan")
     plan.validate(graph)
     pruned = apply_plan(graph, plan).model

@@ -348,13 +348,12 @@ def record_shapes(root: nn.Module, graph: fx.Graph, args: tuple[Any, ...], kwarg
     run gives. Integer inputs (token ids, indices) take the real run: their values are read (an
     id out of an embedding's range is then an error here, not a wrong shape later).
     Also returns whether the values came from meta tensors."""
-    if not meta and not _reads_device(graph) and not _integer_inputs(args, kwargs):
+    if meta or (not _reads_device(graph) and not _integer_inputs(args, kwargs)):
         try:
             return record_values(root, graph, args, kwargs, meta=True), True
         except Exception:  # the real run below raises the error the caller should see
-            pass
-    if meta:
-        return record_values(root, graph, args, kwargs, meta=True), True
+            if meta:  # a model on the meta device has no real run
+                raise
     with kept_buffers(root):  # a real run may update them (the caller keeps everything else)
         return record_values(root, graph, args, kwargs), False
 

@@ -110,7 +110,6 @@ class Builder:
         self.modules: dict[str, Any] = {}  # module path -> module
         self.param_nodes: dict[Any, str] = {}  # graph node -> name of the parameter it reads
         self._by_param: dict[str, list[Member]] = {}
-        # (module path, attribute, node, dim): the attribute is set to the node's new size at dim
         # (module path, attribute, node, dim[, divisor]): attribute = node's new size at dim // divisor
         self.attr_sizes: list[tuple[Any, ...]] = []
 

@@ -2,12 +2,14 @@
 
 import importlib
 import itertools
+import typing
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
+import graphprune as gp
 from tests.unit import nets
 
 T = importlib.import_module("graphprune.trace")
@@ -60,6 +62,27 @@ def test_meta_run_records_what_the_real_run_records(make, shape):
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
+class Pair(typing.NamedTuple):
+    image: torch.Tensor
+    mask: torch.Tensor
+
+
+class TakesPair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, p):
+        return self.c2(torch.relu(self.c1(p.image)) * p.mask)
+
+
+def test_named_tuple_inputs_are_recorded_on_meta_tensors():
+    x = Pair(torch.randn(1, 3, 8, 8), torch.ones(1, 1, 8, 8))
+    graph, real, meta = _both(TakesPair(), (x,))
+    assert all(real[n] == meta[n] for n in graph.nodes)
+    assert gp.trace(TakesPair(), (x,)).traced[0].shapes_on_meta
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 def test_conv_shape_formula_matches_the_kernel():
     """The Conv2d shortcut's output size against real ``nn.Conv2d`` over strides, paddings,
@@ -103,8 +126,6 @@ class _Convs(torch.overrides.TorchFunctionMode):
 
 
 def _pruned(model, x):
-    import graphprune as gp
-
     g = gp.trace(model, x)
     plan = gp.make_plan(g, sparsity=0.5)
     return g, gp.apply_plan(g, plan, verify=False)
@@ -121,8 +142,6 @@ def test_verification_checks_every_layer_without_its_arithmetic():
 
 
 def test_verification_stand_ins_still_catch_a_wrong_layer():
-    import graphprune as gp
-
     torch.manual_seed(0)
     g, app = _pruned(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
     conv = app.model.layer1[0].conv1
